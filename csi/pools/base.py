@@ -1,0 +1,322 @@
+"""The storage pool interface every backend implements.
+
+Rules for implementations:
+
+* Every method is idempotent: calling it again with the same arguments after success
+  (or after a crash half-way) converges to the same single object.
+* Errors are the typed exceptions of :mod:`csi.errors`; each method lists which ones.
+* Pools do not lock per name or id (the servicers hold try-locks); they guard their own
+  in-memory indexes and capacity accounting.
+* The storage is the source of truth: :meth:`Pool.start` rebuilds everything from it and
+  removes what half-finished operations left behind.
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Literal
+
+from csi.errors import InvalidArgument
+
+ID_RE = re.compile(r"^(?P<pool>[a-z0-9][a-z0-9-]{0,31}):(?P<kind>vol|snap)-(?P<uid>[0-9a-f]{32})$")
+POOL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
+
+SourceKind = Literal["snapshot", "volume"]
+
+
+def new_id(pool: str, kind: Literal["vol", "snap"]) -> str:
+    """A fresh volume or snapshot id: ``<pool>:<kind>-<32 hex>`` (at most 70 bytes)."""
+    return f"{pool}:{kind}-{uuid.uuid4().hex}"
+
+
+def parse_id(object_id: str) -> tuple[str, str, str] | None:
+    """Split an id into (pool, kind, uid); None when it is not one of ours."""
+    m = ID_RE.match(object_id)
+    if not m:
+        return None
+    return m["pool"], m["kind"], m["uid"]
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: SourceKind
+    id: str
+
+
+@dataclass
+class Volume:
+    id: str
+    name: str
+    pool: str
+    size: int
+    fs_type: str = ""
+    source: Source | None = None
+    parameters: dict[str, str] = field(default_factory=dict)
+    created: float = field(default_factory=time.time)
+
+
+@dataclass
+class Snapshot:
+    id: str
+    name: str
+    pool: str
+    source_volume_id: str
+    size: int
+    created: float = field(default_factory=time.time)
+    ready: bool = True
+    parameters: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class VolumeRequest:
+    """A resolved CreateVolume: the servicer has validated names and computed ``size``."""
+
+    name: str
+    size: int  # what to provision: required size rounded up, or the default
+    required: int  # the request's capacity range, for idempotency checks
+    limit: int  # 0: no limit
+    fs_type: str
+    block: bool
+    source: Source | None = None
+    parameters: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Capacity:
+    size: int  # physical bytes of the pool
+    used: int  # physical bytes in use
+    provisioned: int  # sum of the volumes' sizes
+    available: int  # largest new volume the limits allow now (0 when refusing)
+    volumes: int
+    snapshots: int
+    extra: dict[str, float] = field(default_factory=dict)  # pool-specific gauges
+
+
+@dataclass(frozen=True)
+class Condition:
+    abnormal: bool
+    message: str
+
+
+class Pool(abc.ABC):
+    """A storage backend. See the module docstring for the rules."""
+
+    type: str = ""
+    #: access modes this pool can serve beyond one node
+    multi_node: bool = False
+    #: can it serve raw block volumes?
+    block: bool = True
+    #: smallest unit sizes are rounded up to
+    granularity: int = 1 << 20
+    #: size of a volume whose request leaves the size open
+    default_size: int = 1 << 30
+
+    def __init__(self, name: str, options: dict[str, object]) -> None:
+        if not POOL_NAME_RE.match(name):
+            raise InvalidArgument(
+                f"pool name {name!r} must be 1-32 characters of a-z, 0-9 and '-', "
+                "starting with a letter or digit"
+            )
+        self.name = name
+        self.options = options
+
+    # ---- lifecycle ------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def start(self) -> None:
+        """Prepare the storage, take ownership, reconcile half-finished work.
+
+        Raises: Unavailable (storage unusable, with the fix), InvalidArgument (options).
+        """
+
+    def stop(self) -> None:  # noqa: B027 - optional hook
+        """Release what :meth:`start` took (locks); leaves volumes in place."""
+
+    @abc.abstractmethod
+    def check(self) -> None:
+        """Raise Unavailable when the pool cannot serve requests right now."""
+
+    # ---- volumes --------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def create_volume(self, req: VolumeRequest) -> Volume:
+        """Create (or return the existing, compatible) volume named ``req.name``.
+
+        Raises: AlreadyExists (same name, incompatible size/source/parameters),
+        NotFound (source missing), OutOfRange (size smaller than the source),
+        ResourceExhausted (a pool limit, named in the message), Internal.
+        """
+
+    @abc.abstractmethod
+    def delete_volume(self, volume_id: str) -> None:
+        """Delete a volume; its snapshots and clones stay intact. Missing: no error."""
+
+    @abc.abstractmethod
+    def expand_volume(self, volume_id: str, size: int) -> Volume:
+        """Grow to at least ``size``; smaller or equal is a no-op.
+
+        Raises: NotFound, ResourceExhausted, Internal.
+        """
+
+    @abc.abstractmethod
+    def get_volume(self, volume_id: str) -> Volume | None: ...
+
+    @abc.abstractmethod
+    def find_volume(self, name: str) -> Volume | None: ...
+
+    @abc.abstractmethod
+    def list_volumes(self) -> list[Volume]: ...
+
+    @abc.abstractmethod
+    def volume_condition(self, volume_id: str) -> Condition: ...
+
+    # ---- snapshots ------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def create_snapshot(
+        self, name: str, source_volume_id: str, parameters: dict[str, str]
+    ) -> Snapshot:
+        """Crash-consistent, read-only snapshot (idempotent by name).
+
+        Raises: AlreadyExists (name used for another source), NotFound (source),
+        ResourceExhausted, Internal.
+        """
+
+    @abc.abstractmethod
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        """Delete a snapshot; volumes restored from it stay intact. Missing: no error."""
+
+    @abc.abstractmethod
+    def get_snapshot(self, snapshot_id: str) -> Snapshot | None: ...
+
+    @abc.abstractmethod
+    def find_snapshot(self, name: str) -> Snapshot | None: ...
+
+    @abc.abstractmethod
+    def list_snapshots(self) -> list[Snapshot]: ...
+
+    # ---- capacity -------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def capacity(self) -> Capacity: ...
+
+    # ---- node side ------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def attach(self, volume_id: str) -> str:
+        """Make the volume a block device on this node and return its path (idempotent).
+
+        Raises: NotFound, Internal.
+        """
+
+    @abc.abstractmethod
+    def detach(self, volume_id: str) -> None:
+        """Undo :meth:`attach` (idempotent)."""
+
+    @abc.abstractmethod
+    def device_of(self, volume_id: str) -> str | None:
+        """The block device of an attached volume on this node, or None."""
+
+    @abc.abstractmethod
+    def refresh_device(self, volume_id: str) -> int:
+        """Make an attached device show the volume's current size; return that size."""
+
+
+def check_compatible(existing: Volume, req: VolumeRequest) -> None:
+    """Raise AlreadyExists unless ``existing`` satisfies a repeated CreateVolume ``req``."""
+    from csi.errors import AlreadyExists
+
+    required, limit = req.required, req.limit
+    if existing.size < required or (limit and existing.size > limit):
+        raise AlreadyExists(
+            f"volume {req.name!r} exists with {existing.size} bytes, outside the requested "
+            f"range [{required}, {limit or 'unlimited'}]"
+        )
+    if existing.source != req.source:
+        raise AlreadyExists(
+            f"volume {req.name!r} exists with a different content source "
+            f"({existing.source} vs {req.source})"
+        )
+    if existing.parameters != req.parameters:
+        raise AlreadyExists(f"volume {req.name!r} exists with different parameters")
+    if req.fs_type and existing.fs_type and existing.fs_type != req.fs_type:
+        raise AlreadyExists(
+            f"volume {req.name!r} exists with fsType {existing.fs_type}, not {req.fs_type}"
+        )
+
+
+class Options:
+    """Typed reading of a pool's options; :meth:`finish` rejects unknown keys."""
+
+    def __init__(self, pool: str, options: dict[str, object]) -> None:
+        self.pool = pool
+        self.raw = dict(options)
+        self.used: set[str] = {"name", "type"}
+
+    def _get(self, key: str) -> object | None:
+        self.used.add(key)
+        return self.raw.get(key)
+
+    def _bad(self, key: str, value: object, want: str) -> InvalidArgument:
+        return InvalidArgument(f"pool {self.pool!r}: option {key}={value!r} must be {want}")
+
+    def text(self, key: str, default: str | None = None) -> str:
+        value = self._get(key)
+        if value is None:
+            if default is None:
+                raise InvalidArgument(f"pool {self.pool!r}: option {key!r} is required")
+            return default
+        if not isinstance(value, str) or not value:
+            raise self._bad(key, value, "a non-empty string")
+        return value
+
+    def optional_text(self, key: str) -> str | None:
+        value = self._get(key)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            raise self._bad(key, value, "a non-empty string")
+        return value
+
+    def number(self, key: str, default: float, low: float, high: float) -> float:
+        value = self._get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float) or not (
+            low <= value <= high
+        ):
+            raise self._bad(key, value, f"a number from {low} to {high}")
+        return float(value)
+
+    def size(self, key: str, default: int | None) -> int | None:
+        from csi.system import parse_size
+
+        value = self._get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise self._bad(key, value, "a size such as 20Gi")
+        size = parse_size(value)
+        if size <= 0:
+            raise self._bad(key, value, "a positive size such as 20Gi")
+        return size
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self._get(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self._bad(key, value, "true or false")
+        return value
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.raw) - self.used)
+        if unknown:
+            raise InvalidArgument(
+                f"pool {self.pool!r}: unknown option(s) {', '.join(unknown)}; "
+                "see the configuration reference in README.md"
+            )

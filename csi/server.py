@@ -1,0 +1,266 @@
+"""The ``flotilla`` process: gRPC server, per-RPC interceptor, signals, modes."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import grp
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent import futures
+from types import FrameType
+from typing import Any
+
+import grpc
+
+from csi import DEFAULT_DRIVER_NAME, __version__
+from csi._proto import csi_pb2_grpc
+from csi.config import DEFAULT_STATE_DIR, Config, load_config
+from csi.controller import ControllerService
+from csi.errors import FlotillaError, status_code
+from csi.identity import IdentityService
+from csi.locks import KeyedTryLock
+from csi.metrics import Metrics
+from csi.node import NodeService
+from csi.pools import PoolSet, build_pool
+from csi.system import System
+
+log = logging.getLogger("flotilla")
+
+#: request fields worth a log line; secrets and capabilities are never logged
+LOGGED_FIELDS = ("name", "volume_id", "snapshot_id", "source_volume_id", "staging_target_path",
+                 "target_path", "volume_path", "starting_token")
+MUTED_METHODS = frozenset({"Probe", "NodeGetCapabilities", "GetPluginInfo",
+                           "GetPluginCapabilities", "ControllerGetCapabilities"})
+DRAIN_SECONDS = 60.0
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            entry.update(fields)
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(fmt: str, level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def request_fields(request: Any) -> dict[str, str]:
+    fields = {}
+    for name in LOGGED_FIELDS:
+        value = getattr(request, name, None)
+        if isinstance(value, str) and value:
+            fields[name] = value
+    return fields
+
+
+class RpcInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """One place for: error translation, one log line per RPC, the latency histogram."""
+
+    def __init__(self, metrics: Metrics | None) -> None:
+        self.metrics = metrics
+        self.in_flight = 0
+        self._lock = threading.Lock()
+
+    def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        inner = handler.unary_unary
+
+        def call(request: Any, context: grpc.ServicerContext) -> Any:
+            start = time.monotonic()
+            code = grpc.StatusCode.OK
+            message = ""
+            with self._lock:
+                self.in_flight += 1
+            try:
+                return inner(request, context)
+            except FlotillaError as err:
+                code, message = status_code(err), str(err)
+                context.abort(code, message)
+            except Exception as err:
+                if isinstance(err, grpc.RpcError) or type(err).__name__ == "_AbortError":
+                    code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[attr-defined]
+                    raise
+                code, message = grpc.StatusCode.INTERNAL, f"internal error: {err}"
+                log.exception("%s failed unexpectedly", method)
+                context.abort(code, message)
+            finally:
+                elapsed = time.monotonic() - start
+                with self._lock:
+                    self.in_flight -= 1
+                if self.metrics is not None:
+                    self.metrics.observe(method, code.name, elapsed)
+                fields = request_fields(request)
+                fields.update(method=method, code=code.name, ms=f"{elapsed * 1000:.1f}")
+                if message:
+                    fields["error"] = message
+                level = logging.DEBUG if method in MUTED_METHODS and code == grpc.StatusCode.OK \
+                    else logging.INFO
+                log.log(level, "%s %s %s", method, code.name,
+                        " ".join(f"{k}={v}" for k, v in fields.items()),
+                        extra={"fields": fields})
+
+        return grpc.unary_unary_rpc_method_handler(
+            call,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="flotilla", description="Flotilla CSI driver")
+    p.add_argument("--mode", choices=("all", "controller", "node"), default="all",
+                   help="services to run (default: all)")
+    p.add_argument("--endpoint", default="unix:///run/flotilla/csi.sock",
+                   help="gRPC endpoint, unix:///PATH (default: %(default)s)")
+    p.add_argument("--node-id", default=os.uname().nodename,
+                   help="this node's id (default: the host name)")
+    p.add_argument("--pool-config", default=None,
+                   help="YAML pool configuration (default: the embedded default pool)")
+    p.add_argument("--driver-name", default=DEFAULT_DRIVER_NAME)
+    p.add_argument("--metrics-address", default=None, help="HOST:PORT for /metrics")
+    p.add_argument("--state-dir", default=DEFAULT_STATE_DIR,
+                   help="node state and scratch directory (default: %(default)s)")
+    p.add_argument("--log-format", choices=("text", "json"), default="text")
+    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--socket-group", default=None,
+                   help="group allowed to use the socket (mode 0660 instead of 0600)")
+    p.add_argument("--workers", type=int, default=16, help="gRPC worker threads")
+    p.add_argument("--version", action="version", version=f"flotilla {__version__}")
+    return p.parse_args(argv)
+
+
+def socket_path(endpoint: str) -> str | None:
+    if endpoint.startswith("unix://"):
+        return endpoint[len("unix://"):]
+    if endpoint.startswith("unix:"):
+        return endpoint[len("unix:"):]
+    return None
+
+
+class Driver:
+    """A configured, running driver: pools started, gRPC server serving."""
+
+    def __init__(self, args: argparse.Namespace, config: Config,
+                 system: System | None = None) -> None:
+        self.args = args
+        self.system = system or System()
+        self.pools = PoolSet([build_pool(spec, self.system) for spec in config.pools])
+        self.config = config
+        self.metrics = Metrics(args.driver_name, self.pools)
+        self.interceptor = RpcInterceptor(self.metrics)
+        self.server: grpc.Server | None = None
+
+    def start(self) -> None:
+        os.makedirs(self.args.state_dir, exist_ok=True)
+        self.pools.start()
+        locks = KeyedTryLock()
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.args.workers),
+                             interceptors=[self.interceptor])
+        mode = self.args.mode
+        csi_pb2_grpc.add_IdentityServicer_to_server(
+            IdentityService(self.args.driver_name, self.pools, mode != "node"), server)
+        if mode in ("all", "controller"):
+            csi_pb2_grpc.add_ControllerServicer_to_server(
+                ControllerService(self.pools, self.args.node_id, locks), server)
+        if mode in ("all", "node"):
+            roots = [*self.config.allowed_roots, os.path.abspath(self.args.state_dir)]
+            csi_pb2_grpc.add_NodeServicer_to_server(
+                NodeService(self.pools, self.system, self.args.node_id, locks, roots,
+                            self.config.max_volumes_per_node), server)
+        path = socket_path(self.args.endpoint)
+        if path is not None:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            old = os.umask(0o177)
+            try:
+                server.add_insecure_port(f"unix://{path}")
+                server.start()
+            finally:
+                os.umask(old)
+            self._secure_socket(path)
+        else:
+            server.add_insecure_port(self.args.endpoint)
+            server.start()
+        self.server = server
+        if self.args.metrics_address:
+            self.metrics.serve(self.args.metrics_address)
+        log.info("flotilla %s serving %s mode=%s node=%s pools=%s", __version__,
+                 self.args.endpoint, mode, self.args.node_id,
+                 ",".join(f"{p.name}({p.type})" for p in self.pools))
+
+    def _secure_socket(self, path: str) -> None:
+        if self.args.socket_group:
+            os.chown(path, -1, grp.getgrnam(self.args.socket_group).gr_gid)
+            os.chmod(path, 0o660)
+        else:
+            os.chmod(path, 0o600)
+
+    def stop(self, grace: float = DRAIN_SECONDS) -> None:
+        """Refuse new calls, wait for in-flight ones, release the pools."""
+        if self.server is not None:
+            self.server.stop(grace).wait()
+            self.server = None
+        self.pools.stop()
+        path = socket_path(self.args.endpoint)
+        if path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.log_format, args.log_level.upper())
+    try:
+        config = load_config(args.pool_config)
+        driver = Driver(args, config)
+        driver.start()
+    except FlotillaError as err:
+        log.error("cannot start: %s", err)
+        return 2
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s: draining in-flight calls", signal.Signals(signum).name)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stopping.wait()
+    driver.stop()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
