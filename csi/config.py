@@ -15,12 +15,13 @@ DEFAULT_ALLOWED_ROOTS = ("/var/lib/kubelet",)
 
 EMBEDDED_DEFAULT = """\
 # Embedded default for `flotilla --mode all` without --pool-config: one file-backed thin
-# pool. On a host filesystem without reflink, the pool creates and mounts its own
-# sparse XFS (reflink=1) image beside the directory.
+# pool under the state directory (/var/lib/flotilla/pools/default). On a host
+# filesystem without reflink, the pool creates and mounts its own sparse XFS
+# (reflink=1) image beside the directory.
 pools:
   - name: default
     type: filepool
-    path: /var/lib/flotilla/pools/default
+    path: {state_dir}/pools/default
     loop_image_size: 20Gi
 """
 
@@ -68,9 +69,10 @@ def parse_config(text: str, origin: str = "config") -> Config:
                   max_volumes_per_node=max_vols)
 
 
-def load_config(path: str | None) -> Config:
+def load_config(path: str | None, state_dir: str = DEFAULT_STATE_DIR) -> Config:
     if path is None:
-        return parse_config(EMBEDDED_DEFAULT, "embedded default")
+        text = EMBEDDED_DEFAULT.format(state_dir=os.path.abspath(state_dir))
+        return parse_config(text, "embedded default")
     try:
         with open(path) as f:
             text = f.read()

@@ -120,14 +120,14 @@ class RpcInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 if self.metrics is not None:
                     self.metrics.observe(method, code.name, elapsed)
                 fields = request_fields(request)
-                fields.update(method=method, code=code.name, ms=f"{elapsed * 1000:.1f}")
+                fields["ms"] = f"{elapsed * 1000:.1f}"
                 if message:
                     fields["error"] = message
                 level = logging.DEBUG if method in MUTED_METHODS and code == grpc.StatusCode.OK \
                     else logging.INFO
                 log.log(level, "%s %s %s", method, code.name,
                         " ".join(f"{k}={v}" for k, v in fields.items()),
-                        extra={"fields": fields})
+                        extra={"fields": {"method": method, "code": code.name, **fields}})
 
         return grpc.unary_unary_rpc_method_handler(
             call,
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_format, args.log_level.upper())
     try:
-        config = load_config(args.pool_config)
+        config = load_config(args.pool_config, args.state_dir)
         driver = Driver(args, config)
         driver.start()
     except FlotillaError as err:

@@ -1,0 +1,51 @@
+# Flotilla — every target has a `## help` line; `make help` lists them.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST := $(PY) -m pytest
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
+
+.PHONY: setup
+setup: ## install Debian packages and the Python venv with the driver (idempotent)
+	scripts/setup.sh
+
+.PHONY: setup-test
+setup-test: ## setup, plus the test tools (csi-sanity built with go install)
+	scripts/setup.sh --test
+
+.PHONY: demo
+demo: setup ## run the standalone driver on its embedded default pool and walk a volume through its life
+	$(VENV)/bin/flotillactl demo
+
+.PHONY: proto
+proto: ## regenerate csi/_proto from proto/csi.proto
+	$(PY) setup.py -q generate_proto
+
+.PHONY: lint
+lint: ## ruff on csi/ and tests/
+	$(VENV)/bin/ruff check csi tests
+
+.PHONY: typecheck
+typecheck: ## mypy --strict on csi/ (generated stubs excluded)
+	$(VENV)/bin/mypy
+
+.PHONY: unit
+unit: ## tests/unit: no root needed
+	$(PYTEST) tests/unit
+
+.PHONY: integration
+integration: ## tests/integration: real loop devices, filesystems and mounts (root)
+	$(PYTEST) tests/integration
+
+.PHONY: sanity
+sanity: ## tests/sanity: the official csi-sanity against flotilla --mode all (root)
+	$(PYTEST) tests/sanity
+
+.PHONY: test
+test: setup-test lint typecheck ## everything CI runs: lint, types and every test tier
+	$(PYTEST) tests
