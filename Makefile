@@ -49,3 +49,7 @@ sanity: ## tests/sanity: the official csi-sanity against flotilla --mode all (ro
 .PHONY: test
 test: setup-test lint typecheck ## everything CI runs: lint, types and every test tier
 	$(PYTEST) tests
+
+.PHONY: bench
+bench: setup ## side-by-side benchmarks against csi-driver-host-path (not part of CI)
+	bench/run.sh

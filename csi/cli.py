@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cannot reach a driver at {args.endpoint}", file=sys.stderr)
         return 2
     except grpc.RpcError as err:
-        print(f"{err.code().name}: {err.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+        print(f"{err.code().name}: {err.details()}", file=sys.stderr)
         return 1
 
 

@@ -278,9 +278,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 check_pool_serves(pool, read_capabilities(request.volume_capabilities))
             except InvalidArgument:
                 return csi_pb2.GetCapacityResponse(available_capacity=0)
-        if request.HasField("accessible_topology"):
-            if request.accessible_topology.segments.get(TOPOLOGY_KEY) != self.node_id:
-                return csi_pb2.GetCapacityResponse(available_capacity=0)
+        if (request.HasField("accessible_topology")
+                and request.accessible_topology.segments.get(TOPOLOGY_KEY) != self.node_id):
+            return csi_pb2.GetCapacityResponse(available_capacity=0)
         cap = pool.capacity()
         resp = csi_pb2.GetCapacityResponse(available_capacity=cap.available)
         resp.maximum_volume_size.value = cap.available

@@ -81,7 +81,7 @@ STATUS_OF: dict[type[FlotillaError], grpc.StatusCode] = {
 def status_code(err: FlotillaError) -> grpc.StatusCode:
     """The gRPC status for an error: the nearest class in :data:`STATUS_OF`."""
     for cls in type(err).__mro__:
-        code = STATUS_OF.get(cls)  # type: ignore[arg-type]
+        code = STATUS_OF.get(cls)
         if code is not None:
             return code
     return grpc.StatusCode.INTERNAL

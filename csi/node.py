@@ -11,6 +11,7 @@ import errno
 import logging
 import os
 import stat
+from collections.abc import Callable
 
 import grpc
 
@@ -187,10 +188,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         return csi_pb2.NodePublishVolumeResponse()
 
     def _publish(self, source: str, target: str, readonly: bool, flags: tuple[str, ...],
-                 is_file: bool, same: object) -> None:
+                 is_file: bool, same: Callable[[MountInfo], bool]) -> None:
         current = self.system.mount_at(target)
         if current is not None:
-            assert callable(same)
             if same(current) and current.readonly == readonly:
                 return
             raise AlreadyExists(f"target_path {target} is already a mount of "

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from concurrent import futures
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -77,7 +77,15 @@ def request_fields(request: Any) -> dict[str, str]:
     return fields
 
 
-class RpcInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+if TYPE_CHECKING:
+    Handler = grpc.RpcMethodHandler[Any, Any]
+    InterceptorBase = grpc.ServerInterceptor[Any, Any]
+else:
+    Handler = grpc.RpcMethodHandler
+    InterceptorBase = grpc.ServerInterceptor
+
+
+class RpcInterceptor(InterceptorBase):
     """One place for: error translation, one log line per RPC, the latency histogram."""
 
     def __init__(self, metrics: Metrics | None) -> None:
@@ -86,9 +94,9 @@ class RpcInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         self._lock = threading.Lock()
 
     def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler],
+        self, continuation: Callable[[grpc.HandlerCallDetails], Handler | None],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler | None:
         handler = continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler

@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Literal
 
-from csi.errors import InvalidArgument
+from csi.errors import AlreadyExists, InvalidArgument
 
 ID_RE = re.compile(r"^(?P<pool>[a-z0-9][a-z0-9-]{0,31}):(?P<kind>vol|snap)-(?P<uid>[0-9a-f]{32})$")
 POOL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
@@ -228,8 +228,6 @@ class Pool(abc.ABC):
 
 def check_compatible(existing: Volume, req: VolumeRequest) -> None:
     """Raise AlreadyExists unless ``existing`` satisfies a repeated CreateVolume ``req``."""
-    from csi.errors import AlreadyExists
-
     required, limit = req.required, req.limit
     if existing.size < required or (limit and existing.size > limit):
         raise AlreadyExists(
