@@ -304,7 +304,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             try:
                 self.system.grow_fs(mount.fstype, device, path)
             except CommandFailed as err:
-                if mount.fstype != "ext4" or "Operation not permitted" not in err.stderr:
+                if mount.fstype != "ext4" or "Permission denied" not in err.stderr:
                     raise
                 log.warning("online ext4 growth of %s refused (%s); it grows at the next "
                             "NodeStageVolume", request.volume_id, err.stderr[-200:])

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,9 +29,18 @@ def workdir() -> Iterator[Path]:
     yield real
     leaked_mounts = mounts_under(str(real))
     leaked_loops = loops_backed_by(str(real))
+    force_clean(real)
     shutil.rmtree(real, ignore_errors=True)
     assert not leaked_mounts, f"test leaked mounts: {leaked_mounts}"
     assert not leaked_loops, f"test leaked loop devices: {leaked_loops}"
+
+
+def force_clean(path: Path) -> None:
+    """Unmount (deepest first) and detach whatever a failed test left under ``path``."""
+    for mnt in sorted(mounts_under(str(path)), key=len, reverse=True):
+        subprocess.run(["umount", "-l", mnt], check=False, capture_output=True)
+    for loop in loops_backed_by(str(path)):
+        subprocess.run(["losetup", "-d", f"/dev/{loop}"], check=False, capture_output=True)
 
 
 @pytest.fixture(params=["xfs", "btrfs"])

@@ -51,7 +51,7 @@ def loop_filesystem(workdir: Path, fstype: str, size: int = 4 * GiB,
         try:
             yield mnt
         finally:
-            run("umount", str(mnt))
+            run("umount", str(mnt), check=False)
     finally:
         run("losetup", "--detach", dev, check=False)
         image.unlink(missing_ok=True)
