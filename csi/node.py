@@ -110,7 +110,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                                         f"{current.source} mounted")
                 return csi_pb2.NodeStageVolumeResponse()
             self._format_and_mount(request.volume_id, device, staging, fs_type,
-                                   caps.mount_flags)
+                                   (*pool.mount_options, *caps.mount_flags))
         return csi_pb2.NodeStageVolumeResponse()
 
     def _format_and_mount(self, volume_id: str, device: str, staging: str, fs_type: str,

@@ -114,6 +114,8 @@ class Pool(abc.ABC):
     granularity: int = 1 << 20
     #: size of a volume whose request leaves the size open
     default_size: int = 1 << 30
+    #: options the node adds when it mounts a filesystem of this pool (e.g. discard)
+    mount_options: tuple[str, ...] = ()
 
     def __init__(self, name: str, options: dict[str, object]) -> None:
         if not POOL_NAME_RE.match(name):

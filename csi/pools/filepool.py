@@ -66,7 +66,8 @@ class FilePool(Pool):
         self.max_used_percent = opts.number("max_used_percent", 90.0, 1.0, 100.0)
         self.default_size = opts.size("default_volume_size", 1 << 30) or (1 << 30)
         self.loop_image_size = opts.size("loop_image_size", None)
-        self.discard = opts.flag("discard", True)
+        # online discard punches holes in the sparse image: deleted data goes back
+        self.mount_options = ("discard",) if opts.flag("discard", True) else ()
         opts.finish()
         self.backing_image = self.path.rstrip("/") + ".xfs"
         self._mutex = threading.Lock()

@@ -342,3 +342,22 @@ def test_checksums_survive_driver_restart(env: Env) -> None:
     delete(env, vol.volume_id)
     assert subprocess.run(["findmnt", staging], capture_output=True,
                           check=False).returncode != 0
+
+
+def test_deleted_data_goes_back_to_the_pool(env: Env) -> None:
+    cap = mount_cap("ext4")
+    vol = create(env, "trim", cap=cap)
+    staging = stage(env, vol.volume_id, cap, "trim")
+    img = env.pool_path / "volumes" / (vol.volume_id.split("-", 1)[1] + ".img")
+    with open(os.path.join(staging, "big"), "wb") as f:
+        for _ in range(128):
+            f.write(os.urandom(MiB))
+        os.fsync(f.fileno())
+    full = img.stat().st_blocks * 512
+    assert full >= 128 * MiB
+    os.unlink(os.path.join(staging, "big"))
+    os.sync()
+    emptied = img.stat().st_blocks * 512
+    assert emptied < full - 100 * MiB, f"image still holds {emptied} of {full} bytes"
+    unstage(env, vol.volume_id, staging)
+    delete(env, vol.volume_id)
