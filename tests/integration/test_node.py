@@ -17,10 +17,10 @@ import pytest
 from csi._proto import csi_pb2
 from tests.conftest import require_root
 from tests.helpers import (
-    GiB,
-    MiB,
     CSIClient,
     DriverProcess,
+    GiB,
+    MiB,
     block_cap,
     loop_filesystem,
     loops_backed_by,

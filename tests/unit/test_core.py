@@ -34,9 +34,8 @@ def test_one_table_maps_errors_to_codes() -> None:
 def test_try_lock_refuses_instead_of_queueing() -> None:
     locks = KeyedTryLock()
     with locks.hold("a", "b"):
-        with pytest.raises(Aborted, match="'b'"):
-            with locks.hold("b", "c"):
-                pass
+        with pytest.raises(Aborted, match="'b'"), locks.hold("b", "c"):
+            pass
         assert not locks.busy("c")  # nothing taken by the refused call
         with locks.hold("c"):
             assert locks.busy("c")
@@ -122,7 +121,7 @@ def test_options() -> None:
     opts.finish()
     with pytest.raises(InvalidArgument, match="unknown option"):
         Options("p", {"bogus": 1}).finish()
-    with pytest.raises(InvalidArgument, match="from 0.1 to 10"):
+    with pytest.raises(InvalidArgument, match=r"from 0\.1 to 10"):
         Options("p", {"ratio": 11}).number("ratio", 1.0, 0.1, 10.0)
     with pytest.raises(InvalidArgument, match="required"):
         Options("p", {}).text("path")
