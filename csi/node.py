@@ -24,6 +24,7 @@ from csi.errors import (
     InvalidArgument,
     NotFound,
 )
+from csi.faults import crashpoint
 from csi.locks import KeyedTryLock
 from csi.pools import PoolSet
 from csi.pools.base import Pool
@@ -104,6 +105,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             fs_type = self._fs_type(caps, dict(request.volume_context))
             current = self.system.mount_at(staging)
             device = pool.attach(request.volume_id)
+            crashpoint("node.stage.attached")
             if current is not None:
                 if not _same_device(current, device):
                     raise AlreadyExists(f"staging_target_path {staging} already has "
@@ -119,6 +121,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         if existing is None:
             log.info("formatting %s (%s) as %s", volume_id, device, fs_type)
             self.system.mkfs(device, fs_type)
+            crashpoint("node.stage.formatted")
         elif existing != fs_type:
             raise FailedPrecondition(f"volume {volume_id} already holds a {existing} "
                                      f"filesystem; it cannot be staged as {fs_type}")
@@ -130,6 +133,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             options.append("nouuid")  # clones and snapshots share the XFS UUID
         os.makedirs(staging, exist_ok=True)
         self.system.mount(device, staging, fs_type, options)
+        crashpoint("node.stage.mounted")
         if existing == "xfs":
             try:  # a restore into a larger volume, or growth while unstaged
                 self.system.grow_fs("xfs", device, staging)
@@ -208,6 +212,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 raise AlreadyExists(f"target_path {target} is a file; a filesystem volume "
                                     "is published on a directory")
             os.makedirs(target, exist_ok=True)
+        crashpoint("node.publish.target-created")
         self.system.bind_mount(source, target, readonly=readonly, options=flags)
 
     def NodeUnpublishVolume(

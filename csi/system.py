@@ -356,6 +356,19 @@ class System:
         finally:
             os.close(fd)
 
+    def thaw(self, mount_point: str) -> bool:
+        """Thaw a frozen filesystem; False when it was not frozen."""
+        fd = os.open(mount_point, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.ioctl(fd, FITHAW, 0)
+            return True
+        except OSError as err:
+            if err.errno == errno.EINVAL:
+                return False
+            raise
+        finally:
+            os.close(fd)
+
     def fstrim(self, mount_point: str) -> None:
         self.run(["fstrim", mount_point], timeout=TIMEOUT_FSCK, check=False)
 

@@ -34,6 +34,7 @@ from csi.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from csi.faults import crashpoint
 from csi.pools.base import (
     Capacity,
     Condition,
@@ -94,6 +95,7 @@ class FilePool(Pool):
             os.makedirs(d, exist_ok=True)
         self._take_lock()
         self._reconcile()
+        self._thaw_all()
 
     def stop(self) -> None:
         if self._lock_fd is not None:
@@ -180,6 +182,19 @@ class FilePool(Pool):
         log.info("pool %s: %d volumes, %d snapshots at %s", self.name, len(volumes),
                  len(snapshots), self.path)
 
+    def _thaw_all(self) -> None:
+        """A process killed inside a snapshot leaves the volume's filesystem frozen (the
+        kernel does not thaw on exit): thaw every mounted volume of this pool."""
+        images = {self.image_path(v.id) for v in self.list_volumes()}
+        devices = {d for img in images for d in self.system.loop_devices_for(img)}
+        seen = set()
+        for m in self.system.mounts():
+            if m.source in devices and m.major_minor not in seen:
+                seen.add(m.major_minor)
+                if self.system.thaw(m.mount_point):
+                    log.warning("pool %s: thawed %s, left frozen by an interrupted "
+                                "snapshot", self.name, m.mount_point)
+
     def _read_meta(self, path: str) -> dict[str, Any] | None:
         try:
             with open(path) as f:
@@ -225,9 +240,12 @@ class FilePool(Pool):
         """Move a built image into place, then its metadata: the object now exists."""
         tmp_meta = tmp_img.removesuffix(".img") + ".json"
         self.system.write_atomic(tmp_meta, json.dumps(meta, sort_keys=True).encode())
+        crashpoint(f"filepool.{kind}.meta-written")
         os.rename(tmp_img, self._file(kind, object_id, ".img"))
+        crashpoint(f"filepool.{kind}.image-in-place")
         os.rename(tmp_meta, self._file(kind, object_id, ".json"))
         self.system.fsync_dir(self._dirs[kind])
+        crashpoint(f"filepool.{kind}.committed")
 
     def _remove(self, kind: str, object_id: str) -> None:
         """Metadata first (the object is gone), then the image."""
@@ -235,6 +253,7 @@ class FilePool(Pool):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._file(kind, object_id, ext))
             self.system.fsync_dir(self._dirs[kind])
+            crashpoint(f"filepool.{kind}.removed{ext}")
 
     # ---- capacity -------------------------------------------------------------------
 
@@ -316,6 +335,7 @@ class FilePool(Pool):
                 else:
                     with self._quiesced(source_img):
                         self.system.reflink(source_img, tmp_img)
+                    crashpoint("filepool.create.cloned")
                     os.truncate(tmp_img, req.size)
                     os.chmod(tmp_img, 0o600)
                 self._commit("volumes", volume.id, tmp_img, _meta_of(volume))
@@ -378,6 +398,7 @@ class FilePool(Pool):
             return vol
         with self._reserve(size - vol.size):
             os.truncate(img, size)
+            crashpoint("filepool.expand.truncated")
             grown = Volume(**{**vol.__dict__, "size": size})
             self.system.write_atomic(self._file("volumes", volume_id, ".json"),
                                      json.dumps(_meta_of(grown), sort_keys=True).encode())
@@ -435,6 +456,7 @@ class FilePool(Pool):
         tmp_img = os.path.join(self._dirs["tmp"], self._uid(snap.id, "snap") + ".img")  # type: ignore[operator]
         try:
             with self._quiesced(self.image_path(vol.id)):
+                crashpoint("filepool.snapshot.frozen")
                 self.system.reflink(self.image_path(vol.id), tmp_img, mode=0o400)
             self._commit("snapshots", snap.id, tmp_img, _meta_of(snap))
         except BaseException:
