@@ -102,6 +102,7 @@ class DriverProcess:
     def __init__(self, workdir: Path, pools: list[dict[str, object]], mode: str = "all",
                  node_id: str = "node-1", extra_args: tuple[str, ...] = (),
                  allowed_roots: list[str] | None = None) -> None:
+        self.env: dict[str, str] = {}  # extra environment for the next start()
         self.workdir = workdir
         self.socket = workdir / "csi.sock"
         self.config = workdir / "pools.yaml"
@@ -120,7 +121,7 @@ class DriverProcess:
         logf = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
         self._logf = logf
         self.proc = subprocess.Popen(self.argv, stdout=logf, stderr=subprocess.STDOUT,
-                                     cwd=REPO)
+                                     cwd=REPO, env={**os.environ, **self.env})
         deadline = time.monotonic() + timeout
         while not self.socket.exists():
             if self.proc.poll() is not None:
