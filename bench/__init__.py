@@ -1,0 +1,1 @@
+"""Side-by-side CSI benchmarks (not tests): a driver-agnostic load generator and its harness."""
