@@ -3,6 +3,7 @@ killed and restarted, and invariant checks over the pool directory."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Iterator
@@ -24,7 +25,11 @@ class Rig:
     driver: DriverProcess
 
     def metas(self, kind: str = "volumes") -> list[dict[str, object]]:
-        return [json.loads(p.read_text()) for p in sorted((self.pool / kind).glob("*.json"))]
+        found = []
+        for p in sorted((self.pool / kind).glob("*.json")):
+            with contextlib.suppress(FileNotFoundError):  # deleted while we look
+                found.append(json.loads(p.read_text()))
+        return found
 
     def named(self, name: str, kind: str = "volumes") -> list[dict[str, object]]:
         return [m for m in self.metas(kind) if m["name"] == name]
