@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from csi._proto import csi_pb2
-from tests.helpers import MiB, CSIClient, loops_backed_by, mount_cap, mounts_under
+from tests.helpers import CSIClient, MiB, loops_backed_by, mount_cap, mounts_under
 from tests.reliability.conftest import Rig
 
 pytestmark = pytest.mark.root
