@@ -25,6 +25,10 @@ from csi.config import DEFAULT_STATE_DIR, Config, load_config
 from csi.controller import ControllerService
 from csi.errors import FlotillaError, status_code
 from csi.identity import IdentityService
+from csi.kube.agent import NodeAgent
+from csi.kube.controller import DistributedControllerService
+from csi.kube.pool import KubeState
+from csi.kube.wiring import controller_pools, make_api
 from csi.locks import KeyedTryLock
 from csi.metrics import Metrics
 from csi.node import NodeService
@@ -163,6 +167,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--socket-group", default=None,
                    help="group allowed to use the socket (mode 0660 instead of 0600)")
     p.add_argument("--workers", type=int, default=16, help="gRPC worker threads")
+    k = p.add_argument_group("distributed mode (--mode controller / node)")
+    k.add_argument("--kubeconfig", default=None,
+                   help="kubeconfig file (default: in-cluster, else $KUBECONFIG / ~/.kube)")
+    k.add_argument("--kube-timeout", type=float, default=45.0,
+                   help="seconds the controller waits for a node agent before answering "
+                        "ABORTED (retryable); keep it below the sidecars' --timeout "
+                        "(default: %(default)s)")
+    k.add_argument("--capacity-interval", type=float, default=30.0,
+                   help="seconds between the node agent's capacity reports "
+                        "(default: %(default)s)")
     p.add_argument("--version", action="version", version=f"flotilla {__version__}")
     return p.parse_args(argv)
 
@@ -182,7 +196,14 @@ class Driver:
                  system: System | None = None) -> None:
         self.args = args
         self.system = system or System()
-        self.pools = PoolSet([build_pool(spec, self.system) for spec in config.pools])
+        self.kube_state: KubeState | None = None
+        self.agent: NodeAgent | None = None
+        if args.mode == "controller":
+            self.kube_state = KubeState(make_api(args, "controller"), args.kube_timeout,
+                                        args.capacity_interval)
+            self.pools = controller_pools(config, self.system, self.kube_state)
+        else:
+            self.pools = PoolSet([build_pool(spec, self.system) for spec in config.pools])
         self.config = config
         self.metrics = Metrics(args.driver_name, self.pools)
         self.interceptor = RpcInterceptor(self.metrics)
@@ -190,16 +211,24 @@ class Driver:
 
     def start(self) -> None:
         os.makedirs(self.args.state_dir, exist_ok=True)
+        if self.kube_state is not None:
+            self.kube_state.start()
         self.pools.start()
         locks = KeyedTryLock()
+        if self.args.mode == "node":
+            self.agent = NodeAgent(make_api(self.args, "node"), self.pools, self.args.node_id,
+                                   locks, self.args.capacity_interval)
+            self.agent.start()
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.args.workers),
                              interceptors=[self.interceptor])
         mode = self.args.mode
         csi_pb2_grpc.add_IdentityServicer_to_server(
             IdentityService(self.args.driver_name, self.pools, mode != "node"), server)
         if mode in ("all", "controller"):
+            service = DistributedControllerService if mode == "controller" \
+                else ControllerService
             csi_pb2_grpc.add_ControllerServicer_to_server(
-                ControllerService(self.pools, self.args.node_id, locks), server)
+                service(self.pools, self.args.node_id, locks), server)
         if mode in ("all", "node"):
             roots = [*self.config.allowed_roots, os.path.abspath(self.args.state_dir)]
             csi_pb2_grpc.add_NodeServicer_to_server(
@@ -239,6 +268,11 @@ class Driver:
         if self.server is not None:
             self.server.stop(grace).wait()
             self.server = None
+        if self.agent is not None:
+            self.agent.stop()
+            self.agent = None
+        if self.kube_state is not None:
+            self.kube_state.stop()
         self.pools.stop()
         path = socket_path(self.args.endpoint)
         if path:

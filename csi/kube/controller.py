@@ -1,0 +1,78 @@
+"""The Controller service of ``--mode controller``: topology per volume and per segment.
+
+The plain :class:`~csi.controller.ControllerService` serves one node (its own). Here
+node-local pools are :class:`~csi.kube.pool.KubePool` s spanning the cluster, so:
+
+* CreateVolume hands the request's accessibility requirements to the pool (which node
+  to write into the resource) through :func:`csi.kube.placement.placement`;
+* a volume's accessible topology is the node it lives on (shared pools: no constraint);
+* GetCapacity answers for the requested topology segment from what that node's agent
+  published, so external-provisioner's ``--enable-capacity`` creates one
+  CSIStorageCapacity per node and pool.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from csi import TOPOLOGY_KEY
+from csi._proto import csi_pb2
+from csi.controller import VOLUME_PARAMETERS as VOLUME_PARAMS
+from csi.controller import ControllerService, check_pool_serves, split_parameters
+from csi.errors import InvalidArgument
+from csi.kube.placement import Placement, placement
+from csi.kube.pool import KubePool
+from csi.pools.base import Volume
+from csi.validation import read_capabilities
+
+
+def _nodes(topologies: object) -> tuple[str, ...]:
+    out = []
+    for t in topologies:  # type: ignore[attr-defined]
+        node = t.segments.get(TOPOLOGY_KEY)
+        if node and node not in out:
+            out.append(node)
+    return tuple(out)
+
+
+class DistributedControllerService(ControllerService):
+    def CreateVolume(self, request: csi_pb2.CreateVolumeRequest,
+                     context: grpc.ServicerContext) -> csi_pb2.CreateVolumeResponse:
+        ar = request.accessibility_requirements
+        place = Placement(preferred=_nodes(ar.preferred), requisite=_nodes(ar.requisite))
+        with placement(place):
+            return super().CreateVolume(request, context)
+
+    def _check_topology(self, request: csi_pb2.CreateVolumeRequest) -> None:
+        """Node choice and its checks belong to the pool (KubePool) here."""
+
+    def _volume_msg(self, vol: Volume) -> csi_pb2.Volume:
+        msg = super()._volume_msg(vol)
+        del msg.accessible_topology[:]
+        pool = self.pools.pools.get(vol.pool)
+        if isinstance(pool, KubePool):
+            node = pool.node_of(vol.id)
+            if node:
+                msg.accessible_topology.append(
+                    csi_pb2.Topology(segments={TOPOLOGY_KEY: node}))
+        return msg
+
+    def GetCapacity(self, request: csi_pb2.GetCapacityRequest,
+                    context: grpc.ServicerContext) -> csi_pb2.GetCapacityResponse:
+        params = split_parameters(dict(request.parameters), VOLUME_PARAMS)
+        pool = self.pools.named(params.get("pool"))
+        if not isinstance(pool, KubePool):
+            return super().GetCapacity(request, context)
+        if request.volume_capabilities:
+            try:
+                check_pool_serves(pool, read_capabilities(request.volume_capabilities))
+            except InvalidArgument:
+                return csi_pb2.GetCapacityResponse(available_capacity=0)
+        node = (request.accessible_topology.segments.get(TOPOLOGY_KEY)
+                if request.HasField("accessible_topology") else None)
+        cap = pool.capacity_on(node) if node else pool.capacity()
+        resp = csi_pb2.GetCapacityResponse(available_capacity=cap.available if cap else 0)
+        if cap is not None:
+            resp.maximum_volume_size.value = cap.available
+            resp.minimum_volume_size.value = pool.granularity
+        return resp
