@@ -1,0 +1,61 @@
+{{/* Names, labels and small helpers of the Flotilla chart. */}}
+
+{{- define "flotilla.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 50 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "flotilla.labels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{- define "flotilla.selector" -}}
+app.kubernetes.io/name: {{ .root.Chart.Name }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "flotilla.image" -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
+{{- end -}}
+
+{{- define "flotilla.controllerServiceAccount" -}}
+{{- .Values.serviceAccount.controller.name | default (printf "%s-controller" (include "flotilla.fullname" .)) -}}
+{{- end -}}
+
+{{- define "flotilla.nodeServiceAccount" -}}
+{{- .Values.serviceAccount.node.name | default (printf "%s-node" (include "flotilla.fullname" .)) -}}
+{{- end -}}
+
+{{/* the kubelet's plugin directory of this driver */}}
+{{- define "flotilla.pluginDir" -}}
+{{- printf "%s/plugins/%s" (trimSuffix "/" .Values.kubeletDir) .Values.driverName -}}
+{{- end -}}
+
+{{/* pool types whose volumes live on one node (WaitForFirstConsumer) */}}
+{{- define "flotilla.nodeLocal" -}}
+{{- if has .type (list "nfs") }}false{{ else }}true{{ end -}}
+{{- end -}}
+
+{{/* the driver's pool configuration (pools.yaml) */}}
+{{- define "flotilla.poolConfig" -}}
+{{- $pools := list }}
+{{- range .Values.pools }}
+{{- $pools = append $pools (omit . "storageClass") }}
+{{- end -}}
+pools:
+{{- toYaml $pools | nindent 2 }}
+allowed_roots:
+  - {{ .Values.kubeletDir }}
+{{- range .Values.extraAllowedRoots }}
+  - {{ . }}
+{{- end }}
+max_volumes_per_node: {{ .Values.maxVolumesPerNode }}
+{{- end -}}

@@ -1,0 +1,83 @@
+"""The Helm chart: `helm lint` is clean (default values and every optional object on),
+and the rendered manifests kept in deploy/ are current (regenerate: deploy/render.sh)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from tests.e2e.cluster import tools_dir
+from tests.helpers import REPO
+
+CHART = REPO / "charts" / "flotilla"
+
+
+def helm(*args: str) -> str:
+    binary = tools_dir() / "helm"
+    assert os.access(binary, os.X_OK), ("helm is not built: run `scripts/e2e-tools.sh` "
+                                        "(scripts/setup.sh --test does)")
+    proc = subprocess.run([str(binary), *args], capture_output=True, text=True, check=False,
+                          timeout=120)
+    assert proc.returncode == 0, f"helm {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def test_helm_lint_clean() -> None:
+    out = helm("lint", "--strict", str(CHART))
+    assert "0 chart(s) failed" in out
+    out = helm("lint", "--strict", str(CHART), "--set",
+               "metrics.serviceMonitor.enabled=true,metrics.podMonitor.enabled=true,"
+               "metrics.prometheusRule.enabled=true,controller.replicas=1")
+    assert "[WARNING]" not in out and "[ERROR]" not in out
+
+
+def test_values_schema_rejects_mistakes() -> None:
+    binary = tools_dir() / "helm"
+    proc = subprocess.run([str(binary), "template", "x", str(CHART), "--kube-version",
+                           "1.36.1", "--set", "pools[0].name=Bad_Name,pools[0].type=filepool"],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode != 0 and "pattern" in proc.stderr
+
+
+def test_rendered_manifests_are_current(tmp_path: Path) -> None:
+    env = {**os.environ, "HELM": str(tools_dir() / "helm")}
+    subprocess.run(["bash", str(REPO / "deploy/render.sh"), str(tmp_path)], check=True,
+                   env=env)
+    for name in ("crds.yaml", "flotilla.yaml"):
+        fresh = (tmp_path / name).read_text()
+        kept = (REPO / "deploy" / name).read_text()
+        assert fresh == kept, f"deploy/{name} is stale: run deploy/render.sh"
+
+
+def test_rendered_objects() -> None:
+    docs = [d for d in yaml.safe_load_all((REPO / "deploy/flotilla.yaml").read_text()) if d]
+    kinds = sorted(d["kind"] for d in docs)
+    for kind in ("CSIDriver", "DaemonSet", "Deployment", "StorageClass",
+                 "VolumeSnapshotClass", "ClusterRole", "Role", "ConfigMap", "Service"):
+        assert kind in kinds
+    deploy = next(d for d in docs if d["kind"] == "Deployment")
+    containers = {c["name"]: c for c in deploy["spec"]["template"]["spec"]["containers"]}
+    assert set(containers) == {"flotilla", "csi-provisioner", "csi-snapshotter",
+                               "csi-resizer", "liveness-probe"}
+    prov = containers["csi-provisioner"]["args"]
+    for flag in ("--enable-capacity", "--extra-create-metadata", "--feature-gates=Topology=true",
+                 "--leader-election=true"):
+        assert flag in prov
+    assert containers["csi-provisioner"]["image"].endswith(":v6.3.0")
+    assert containers["csi-snapshotter"]["image"].endswith(":v8.6.0")
+    assert containers["csi-resizer"]["image"].endswith(":v2.2.1")
+    ds = next(d for d in docs if d["kind"] == "DaemonSet")
+    node = {c["name"]: c for c in ds["spec"]["template"]["spec"]["containers"]}
+    assert node["flotilla"]["securityContext"]["privileged"] is True
+    kubelet = next(m for m in node["flotilla"]["volumeMounts"] if m["name"] == "kubelet-dir")
+    assert kubelet["mountPropagation"] == "Bidirectional"
+    assert node["node-driver-registrar"]["image"].endswith(":v2.17.0")
+    assert node["liveness-probe"]["image"].endswith(":v2.19.0")
+    crds = [d for d in yaml.safe_load_all((REPO / "deploy/crds.yaml").read_text()) if d]
+    assert {c["spec"]["names"]["kind"] for c in crds} == {
+        "FlotillaVolume", "FlotillaSnapshot", "FlotillaNode"}
+    for crd in crds:
+        assert crd["spec"]["scope"] == "Cluster"
