@@ -53,5 +53,6 @@ if ((want_test)); then
         log "building csi-sanity $CSI_SANITY_VERSION"
         go install "github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@${CSI_SANITY_VERSION}"
     fi
+    scripts/e2e-tools.sh >/dev/null  # kine, kube-apiserver & co., CSI sidecars, helm (tests/e2e)
 fi
 log "ready"
