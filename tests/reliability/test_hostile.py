@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 
 from csi._proto import csi_pb2
 from tests.helpers import (
+    CSIClient,
     GiB,
     MiB,
-    CSIClient,
     block_cap,
     loops_backed_by,
     mount_cap,
