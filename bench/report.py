@@ -136,7 +136,9 @@ def markdown(result: dict[str, Any], image: str) -> str:
         f"kernel {host.get('kernel')}. Load average at start "
         f"{', '.join(str(x) for x in result['loadavg_start'])}, at end "
         f"{', '.join(str(x) for x in result.get('loadavg_end', []))}. "
-        f"Wall time {fmt(result.get('wall_s'), ' s')}.",
+        f"Wall time {fmt(result.get('wall_s'), ' s')} for the measurements"
+        + (f", {fmt(result['make_bench_wall_s'], ' s')} for the whole `make bench`"
+           if result.get("make_bench_wall_s") else "") + ".",
         "",
     ]
     if peer is None:
@@ -268,16 +270,21 @@ def plot(result: dict[str, Any], path: str) -> None:
                 xs.append(entry["data_bytes"] / MiB)
                 ys.append(st["p50_ms"])
                 lo.append(st["p50_ms"] - st["min_ms"])
-                hi.append(st["max_ms"] - st["p50_ms"])
+                hi.append(st["p95_ms"] - st["p50_ms"])
             if xs:
                 ax.errorbar(xs, ys, yerr=[lo, hi], fmt=style, capsize=3, label=label)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ticks = sorted({e["data_bytes"] for _, d, _ in series for e in d.values()
+                        if isinstance(e, dict) and "data_bytes" in e})
+        ax.set_xticks([t / MiB for t in ticks],
+                      [f"{t // (1 << 30)} GiB" if t >= 1 << 30 else f"{t // MiB} MiB"
+                       for t in ticks])
         ax.set_xlabel("data written into the volume (MiB)")
         ax.set_title("CreateSnapshot" if kind == "snapshot"
                      else "restore: CreateVolume from the snapshot")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("latency, ms (p50; bars: min to max)")
+    axes[0].set_ylabel("latency, ms (p50; bars: min to p95)")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"Snapshot latency against data size — {result['started_utc']} UTC, "
                  f"load avg at start {result['loadavg_start'][0]}", fontsize=10)
