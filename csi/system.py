@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import subprocess
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ TIMEOUT_SHORT = 30.0
 TIMEOUT_MOUNT = 60.0
 TIMEOUT_MKFS = 300.0
 TIMEOUT_FSCK = 600.0
+#: how long a killed command may take to go away before it is abandoned
+KILL_GRACE = 5.0
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,7 @@ class System:
     ) -> subprocess.CompletedProcess[str]:
         """Run a command in its own process group; kill the group on timeout."""
         args = [str(a) for a in argv]
-        with subprocess.Popen(
+        proc = subprocess.Popen(
             args,
             stdin=subprocess.PIPE if input_text is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -146,15 +149,23 @@ class System:
             text=True,
             start_new_session=True,
             env={**os.environ, "LC_ALL": "C"},
-        ) as proc:
+        )
+        try:
+            out, err = proc.communicate(input_text, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             try:
-                out, err = proc.communicate(input_text, timeout=timeout)
+                proc.communicate(timeout=KILL_GRACE)
             except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                out, err = proc.communicate()
-                log.warning("command timed out after %.0fs and was killed: %s", timeout, args)
-                raise CommandTimeout(args, None, f"no answer within {timeout:.0f}s") from None
+                # Stuck in the kernel (uninterruptible sleep on a dead NFS server) or its
+                # pipes held by an escaped grandchild: abandon it rather than block this
+                # call and every later one; a daemon thread reaps it if it ever ends.
+                threading.Thread(target=proc.wait, daemon=True).start()
+                log.error("command did not die %.0fs after SIGKILL; abandoned: %s",
+                          KILL_GRACE, args)
+            log.warning("command timed out after %.0fs and was killed: %s", timeout, args)
+            raise CommandTimeout(args, None, f"no answer within {timeout:.0f}s") from None
         result = subprocess.CompletedProcess(args, proc.returncode, out, err)
         if check and proc.returncode != 0:
             raise CommandFailed(args, proc.returncode, err or out)
