@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from csi.config import Config
+from csi.errors import Unavailable
 from csi.kube.api import ClientKubeApi, KubeApi
 from csi.kube.placement import is_node_local
 from csi.kube.pool import KubePool, KubeState
@@ -26,4 +27,12 @@ def controller_pools(config: Config, system: System, state: KubeState) -> PoolSe
 
 
 def make_api(args: Any, component: str) -> KubeApi:
-    return ClientKubeApi(kubeconfig=args.kubeconfig, component=component, host=args.node_id)
+    """The API client of a distributed mode; a missing configuration is a clear error."""
+    try:
+        return ClientKubeApi(kubeconfig=args.kubeconfig, component=component,
+                             host=args.node_id)
+    except Exception as err:  # ConfigException, OSError, a malformed kubeconfig
+        raise Unavailable(
+            f"--mode {args.mode} needs the Kubernetes API: no in-cluster service account "
+            f"and no usable kubeconfig ({args.kubeconfig or '$KUBECONFIG or ~/.kube/config'}"
+            f"): {err}") from None

@@ -63,7 +63,7 @@ def test_rendered_objects() -> None:
     assert set(containers) == {"flotilla", "csi-provisioner", "csi-snapshotter",
                                "csi-resizer", "liveness-probe"}
     prov = containers["csi-provisioner"]["args"]
-    for flag in ("--enable-capacity", "--extra-create-metadata", "--feature-gates=Topology=true",
+    for flag in ("--enable-capacity", "--extra-create-metadata", "--strict-topology",
                  "--leader-election=true"):
         assert flag in prov
     assert containers["csi-provisioner"]["image"].endswith(":v6.3.0")
