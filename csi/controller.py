@@ -99,11 +99,14 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         return csi_pb2.Topology(segments={TOPOLOGY_KEY: self.node_id})
 
     def _volume_msg(self, vol: Volume) -> csi_pb2.Volume:
+        shared = self.pools.pools.get(vol.pool) is not None and \
+            self.pools.pools[vol.pool].multi_node
         msg = csi_pb2.Volume(
             volume_id=vol.id,
             capacity_bytes=vol.size,
             volume_context=self._context(vol),
-            accessible_topology=[self.topology()],
+            # a shared pool's volumes are reachable from every node: no constraint
+            accessible_topology=[] if shared else [self.topology()],
         )
         if vol.source is not None:
             if vol.source.kind == "snapshot":
@@ -195,7 +198,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 raise InvalidArgument(f"parameter fsType={wanted} conflicts with the "
                                       f"capability's fs_type={caps.fs_type}")
             fs_type = caps.fs_type or wanted or DEFAULT_FS_TYPE
-        self._check_topology(request)
+        if not pool.multi_node:
+            self._check_topology(request)
         cr = request.capacity_range
         default = max(pool.default_size, source_size)
         size = resolve_size(cr.required_bytes, cr.limit_bytes, default,
@@ -278,7 +282,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 check_pool_serves(pool, read_capabilities(request.volume_capabilities))
             except InvalidArgument:
                 return csi_pb2.GetCapacityResponse(available_capacity=0)
-        if (request.HasField("accessible_topology")
+        if (request.HasField("accessible_topology") and not pool.multi_node
                 and request.accessible_topology.segments.get(TOPOLOGY_KEY) != self.node_id):
             return csi_pb2.GetCapacityResponse(available_capacity=0)
         cap = pool.capacity()
@@ -310,8 +314,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                             pool.granularity)
         with self.locks.hold(vol.id):
             grown = pool.expand_volume(vol.id, size)
-        return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=grown.size,
-                                                      node_expansion_required=True)
+        return csi_pb2.ControllerExpandVolumeResponse(
+            capacity_bytes=grown.size, node_expansion_required=pool.node_expansion)
 
     # ---- snapshots ------------------------------------------------------------------
 

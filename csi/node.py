@@ -98,6 +98,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         staging = check_path(request.staging_target_path, self.roots, "staging_target_path")
         caps = self._capability(request)
         pool = self._pool(request.volume_id)
+        if pool.network:
+            if caps.block:
+                raise InvalidArgument(f"pool {pool.name!r} ({pool.type}) serves filesystem "
+                                      "volumes only, not raw block")
+            return csi_pb2.NodeStageVolumeResponse()  # mounted at publish
         with self.locks.hold(request.volume_id):
             if caps.block:
                 pool.attach(request.volume_id)
@@ -175,6 +180,13 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         pool = self._pool(request.volume_id)
         readonly = request.readonly or caps.read_only
         with self.locks.hold(request.volume_id):
+            if pool.network:
+                if caps.block:
+                    raise InvalidArgument(f"pool {pool.name!r} ({pool.type}) serves "
+                                          "filesystem volumes only, not raw block")
+                self._publish_network(pool, request.volume_id, target, readonly,
+                                      caps.mount_flags)
+                return csi_pb2.NodePublishVolumeResponse()
             if caps.block:
                 device = pool.device_of(request.volume_id)
                 if device is None:
@@ -215,14 +227,37 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         crashpoint("node.publish.target-created")
         self.system.bind_mount(source, target, readonly=readonly, options=flags)
 
+    def _publish_network(self, pool: Pool, volume_id: str, target: str, readonly: bool,
+                         flags: tuple[str, ...]) -> None:
+        """Mount the volume's export directory at the target; a stale mount there (ESTALE,
+        a server that stopped answering) is replaced."""
+        source = pool.mount_source(volume_id)
+        current = self.system.mount_at(target)
+        if current is not None and not self.system.path_alive(target):
+            log.warning("%s: mount at %s is stale or hung; remounting", volume_id, target)
+            self.system.umount_network(target)
+            current = None
+        if current is not None:
+            if current.source.rstrip("/") == source and current.readonly == readonly:
+                return
+            raise AlreadyExists(f"target_path {target} already has {current.source} "
+                                f"({'ro' if current.readonly else 'rw'}) mounted")
+        os.makedirs(target, exist_ok=True)
+        crashpoint("node.publish.target-created")
+        options = [*pool.mount_options, *flags, *(["ro"] if readonly else [])]
+        self.system.mount(source, target, "nfs", options, timeout=pool.mount_timeout)
+
     def NodeUnpublishVolume(
         self, request: csi_pb2.NodeUnpublishVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeUnpublishVolumeResponse:
         check_id(request.volume_id, "volume_id")
         target = check_path(request.target_path, self.roots, "target_path")
         with self.locks.hold(request.volume_id):
-            while self.system.mount_at(target) is not None:
-                self.system.umount(target)
+            while (current := self.system.mount_at(target)) is not None:
+                if current.fstype.startswith("nfs"):
+                    self.system.umount_network(target)
+                else:
+                    self.system.umount(target)
             with contextlib.suppress(FileNotFoundError):
                 if os.path.isdir(target) and not os.path.islink(target):
                     os.rmdir(target)
@@ -248,6 +283,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                            ) -> csi_pb2.NodeGetVolumeStatsResponse:
         pool, path = self._published_path(request.volume_id, request.volume_path)
         Unit = csi_pb2.VolumeUsage.Unit
+        if pool.network:
+            return self._network_stats(pool, request.volume_id, path)
         device = pool.device_of(request.volume_id)
         condition = self._condition(pool, request.volume_id, device, path)
         mode = os.stat(path).st_mode
@@ -272,6 +309,27 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             ],
             volume_condition=condition,
         )
+
+    def _network_stats(self, pool: Pool, volume_id: str,
+                       path: str) -> csi_pb2.NodeGetVolumeStatsResponse:
+        """Stats of a network mount, asked from a child with a timeout: a dead server
+        makes an abnormal condition, never a hung call."""
+        cond = pool.volume_condition(volume_id)
+        st = self.system.statfs(path)
+        if st is None:
+            return csi_pb2.NodeGetVolumeStatsResponse(volume_condition=csi_pb2.VolumeCondition(
+                abnormal=True, message=f"{path} does not answer: stale handle or server down"))
+        Unit = csi_pb2.VolumeUsage.Unit
+        return csi_pb2.NodeGetVolumeStatsResponse(
+            usage=[
+                csi_pb2.VolumeUsage(unit=Unit.BYTES, total=st.f_blocks * st.f_frsize,
+                                    available=st.f_bavail * st.f_frsize,
+                                    used=(st.f_blocks - st.f_bfree) * st.f_frsize),
+                csi_pb2.VolumeUsage(unit=Unit.INODES, total=st.f_files,
+                                    available=st.f_favail, used=st.f_files - st.f_ffree),
+            ],
+            volume_condition=csi_pb2.VolumeCondition(abnormal=cond.abnormal,
+                                                     message=cond.message))
 
     def _condition(self, pool: Pool, volume_id: str, device: str | None,
                    path: str) -> csi_pb2.VolumeCondition:
@@ -298,6 +356,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     def NodeExpandVolume(self, request: csi_pb2.NodeExpandVolumeRequest,
                          context: grpc.ServicerContext) -> csi_pb2.NodeExpandVolumeResponse:
         pool, path = self._published_path(request.volume_id, request.volume_path)
+        if pool.network:
+            return csi_pb2.NodeExpandVolumeResponse(
+                capacity_bytes=pool.refresh_device(request.volume_id))
         with self.locks.hold(request.volume_id):
             size = pool.refresh_device(request.volume_id)
             device = pool.device_of(request.volume_id)

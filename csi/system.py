@@ -35,6 +35,22 @@ TIMEOUT_MKFS = 300.0
 TIMEOUT_FSCK = 600.0
 #: how long a killed command may take to go away before it is abandoned
 KILL_GRACE = 5.0
+TIMEOUT_LVM = 120.0
+
+#: ``--config`` for every lvm command: no udev synchronisation or udev-made device nodes
+#: (a node container and the test VM have no udev; LVM makes the /dev nodes itself), no
+#: dmeventd, and no device list from udev or a devices file (scan /dev, honour filters)
+LVM_CONFIG = (
+    "activation{udev_sync=0 udev_rules=0 verify_udev_operations=0 monitoring=0} "
+    "devices{obtain_device_list_from_udev=0 use_devicesfile=0} "
+    "log{command_names=0 prefix=\"\"}"
+)
+#: the ``lvs`` fields :mod:`csi.pools.lvmthin` reads
+LVM_LV_FIELDS = (
+    "lv_name", "lv_attr", "lv_size", "lv_tags", "pool_lv", "origin", "lv_active",
+    "lv_device_open", "lv_suspended", "lv_health_status", "data_percent",
+    "metadata_percent", "lv_metadata_size", "lv_kernel_major", "lv_kernel_minor",
+)
 
 
 @dataclass(frozen=True)
@@ -435,3 +451,26 @@ class System:
             os.close(fd)
         os.replace(tmp, path)
         self.fsync_dir(os.path.dirname(path) or ".")
+
+    # ---- LVM ------------------------------------------------------------------------
+
+    def lvm(self, command: str, *args: str, timeout: float = TIMEOUT_LVM,
+            check: bool = True) -> subprocess.CompletedProcess[str]:
+        """``lvm <command> --config LVM_CONFIG <args>`` with a timeout."""
+        return self.run(["lvm", command, f"--config={LVM_CONFIG}", *args], timeout=timeout,
+                        check=check)
+
+    def lvm_report(self, command: str, fields: Sequence[str], args: Sequence[str] = (),
+                   timeout: float = TIMEOUT_LVM) -> list[dict[str, str]]:
+        """Rows of ``lvs``/``vgs``/``pvs`` as dicts (JSON report, sizes in bytes)."""
+        import json
+
+        out = self.lvm(command, "--reportformat", "json", "--units", "b", "--nosuffix",
+                       "--options", ",".join(fields), *args, timeout=timeout).stdout
+        try:
+            report = json.loads(out)["report"]
+        except (ValueError, KeyError, TypeError):
+            raise CommandFailed(["lvm", command], 0, f"unreadable report: {out[-300:]}"
+                                ) from None
+        key = command.removesuffix("s")
+        return [dict(row) for part in report for row in part.get(key, [])]

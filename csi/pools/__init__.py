@@ -7,12 +7,14 @@ from collections.abc import Callable, Iterator
 from csi.errors import InvalidArgument
 from csi.pools.base import Pool, parse_id
 from csi.pools.filepool import FilePool
+from csi.pools.lvmthin import LvmThinPool
 from csi.system import System
 
 PoolFactory = Callable[[str, dict[str, object], System], Pool]
 
 POOL_TYPES: dict[str, PoolFactory] = {
     "filepool": FilePool,
+    "lvmthin": LvmThinPool,
 }
 
 

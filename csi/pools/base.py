@@ -116,6 +116,12 @@ class Pool(abc.ABC):
     default_size: int = 1 << 30
     #: options the node adds when it mounts a filesystem of this pool (e.g. discard)
     mount_options: tuple[str, ...] = ()
+    #: nodes mount volumes over the network (:meth:`mount_source`) instead of attaching
+    network: bool = False
+    #: does a grown volume need NodeExpandVolume (a filesystem to grow)?
+    node_expansion: bool = True
+    #: seconds a node may wait for a network mount of this pool
+    mount_timeout: float = 60.0
 
     def __init__(self, name: str, options: dict[str, object]) -> None:
         if not POOL_NAME_RE.match(name):
@@ -219,6 +225,10 @@ class Pool(abc.ABC):
     def detach(self, volume_id: str) -> None:
         """Undo :meth:`attach` (idempotent)."""
 
+    def mount_source(self, volume_id: str) -> str:
+        """What a node mounts for a :attr:`network` pool's volume (e.g. server:/path)."""
+        raise NotImplementedError(f"{self.type} volumes are attached, not mounted remotely")
+
     @abc.abstractmethod
     def device_of(self, volume_id: str) -> str | None:
         """The block device of an attached volume on this node, or None."""
@@ -320,3 +330,21 @@ class Options:
                 f"pool {self.pool!r}: unknown option(s) {', '.join(unknown)}; "
                 "see the configuration reference in README.md"
             )
+
+
+def limit_refusal(pool: str, size: int, used: int, provisioned: int, extra: int,
+                  overprovision_ratio: float, max_used_percent: float) -> str | None:
+    """Why provisioning ``extra`` more bytes would break a thin-pool limit (None: fits).
+
+    ``size``/``used`` are physical bytes, ``provisioned`` the sum of volume sizes.
+    """
+    used_pct = 100.0 * used / size if size else 100.0
+    if used_pct >= max_used_percent:
+        return (f"pool {pool!r} is {used_pct:.1f}% physically used, at or over "
+                f"max_used_percent={max_used_percent:g}")
+    allowed = int(size * overprovision_ratio)
+    if provisioned + extra > allowed:
+        return (f"pool {pool!r}: provisioning {extra} more bytes would make "
+                f"{provisioned + extra} provisioned, over overprovision_ratio="
+                f"{overprovision_ratio:g} x {size} bytes = {allowed} bytes")
+    return None

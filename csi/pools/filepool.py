@@ -18,13 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
-import threading
 from collections.abc import Iterator
-from dataclasses import asdict
-from typing import Any
 
 from csi.errors import (
     AlreadyExists,
@@ -41,13 +37,13 @@ from csi.pools.base import (
     Options,
     Pool,
     Snapshot,
-    Source,
     Volume,
     VolumeRequest,
     check_compatible,
+    limit_refusal,
     new_id,
-    parse_id,
 )
+from csi.pools.store import ObjectStore
 from csi.system import System
 
 log = logging.getLogger(__name__)
@@ -71,12 +67,10 @@ class FilePool(Pool):
         self.mount_options = ("discard",) if opts.flag("discard", True) else ()
         opts.finish()
         self.backing_image = self.path.rstrip("/") + ".xfs"
-        self._mutex = threading.Lock()
-        self._volumes: dict[str, Volume] = {}
-        self._snapshots: dict[str, Snapshot] = {}
         self._reserved = 0
         self._lock_fd: int | None = None
         self._dirs = {k: os.path.join(self.path, k) for k in ("volumes", "snapshots", "tmp")}
+        self.store = ObjectStore(name, system, self._dirs, ".img", "filepool")
 
     # ---- lifecycle ------------------------------------------------------------------
 
@@ -91,10 +85,9 @@ class FilePool(Pool):
                     f"loop-mounted XFS image at {self.backing_image}"
                 )
             self._mount_backing_image()
-        for d in self._dirs.values():
-            os.makedirs(d, exist_ok=True)
+        self.store.make_dirs()
         self._take_lock()
-        self._reconcile()
+        self.store.load()
         self._thaw_all()
 
     def stop(self) -> None:
@@ -147,41 +140,6 @@ class FilePool(Pool):
         log.info("pool %s: mounted %s (%s) at %s", self.name, self.backing_image, device,
                  self.path)
 
-    def _reconcile(self) -> None:
-        """Rebuild the index from disk; remove what half-finished work left behind."""
-        for entry in os.scandir(self._dirs["tmp"]):
-            log.info("pool %s: removing leftover %s", self.name, entry.path)
-            os.unlink(entry.path)
-        volumes: dict[str, Volume] = {}
-        snapshots: dict[str, Snapshot] = {}
-        for kind in ("volumes", "snapshots"):
-            d = self._dirs[kind]
-            names = set(os.listdir(d))
-            for fname in sorted(names):
-                stem, ext = os.path.splitext(fname)
-                full = os.path.join(d, fname)
-                if ext == ".img" and f"{stem}.json" not in names:
-                    log.info("pool %s: removing image without metadata %s", self.name, full)
-                    os.unlink(full)
-                elif ext == ".json":
-                    meta = self._read_meta(full)
-                    if meta is None:
-                        continue
-                    if kind == "volumes":
-                        vol = _volume_from(meta)
-                        volumes[vol.id] = vol
-                    else:
-                        snap = _snapshot_from(meta)
-                        snapshots[snap.id] = snap
-                elif ext not in (".img", ".json"):
-                    log.info("pool %s: removing stray file %s", self.name, full)
-                    os.unlink(full)
-        with self._mutex:
-            self._volumes = volumes
-            self._snapshots = snapshots
-        log.info("pool %s: %d volumes, %d snapshots at %s", self.name, len(volumes),
-                 len(snapshots), self.path)
-
     def _thaw_all(self) -> None:
         """A process killed inside a snapshot leaves the volume's filesystem frozen (the
         kernel does not thaw on exit): thaw every mounted volume of this pool."""
@@ -194,20 +152,6 @@ class FilePool(Pool):
                 if self.system.thaw(m.mount_point):
                     log.warning("pool %s: thawed %s, left frozen by an interrupted "
                                 "snapshot", self.name, m.mount_point)
-
-    def _read_meta(self, path: str) -> dict[str, Any] | None:
-        try:
-            with open(path) as f:
-                meta: dict[str, Any] = json.load(f)
-        except (OSError, ValueError) as err:
-            log.error("pool %s: unreadable metadata %s: %s (left in place)", self.name, path,
-                      err)
-            return None
-        if meta.get("version") != FORMAT_VERSION or meta.get("pool") != self.name:
-            log.error("pool %s: metadata %s is not of this pool/format (left in place)",
-                      self.name, path)
-            return None
-        return meta
 
     def check(self) -> None:
         if self._lock_fd is None:
@@ -222,38 +166,8 @@ class FilePool(Pool):
 
     # ---- paths ----------------------------------------------------------------------
 
-    def _uid(self, object_id: str, kind: str) -> str | None:
-        parsed = parse_id(object_id)
-        if parsed is None or parsed[0] != self.name or parsed[1] != kind:
-            return None
-        return parsed[2]
-
-    def _file(self, kind: str, object_id: str, ext: str) -> str:
-        uid = self._uid(object_id, "vol" if kind == "volumes" else "snap")
-        assert uid is not None
-        return os.path.join(self._dirs[kind], uid + ext)
-
     def image_path(self, volume_id: str) -> str:
-        return self._file("volumes", volume_id, ".img")
-
-    def _commit(self, kind: str, object_id: str, tmp_img: str, meta: dict[str, Any]) -> None:
-        """Move a built image into place, then its metadata: the object now exists."""
-        tmp_meta = tmp_img.removesuffix(".img") + ".json"
-        self.system.write_atomic(tmp_meta, json.dumps(meta, sort_keys=True).encode())
-        crashpoint(f"filepool.{kind}.meta-written")
-        os.rename(tmp_img, self._file(kind, object_id, ".img"))
-        crashpoint(f"filepool.{kind}.image-in-place")
-        os.rename(tmp_meta, self._file(kind, object_id, ".json"))
-        self.system.fsync_dir(self._dirs[kind])
-        crashpoint(f"filepool.{kind}.committed")
-
-    def _remove(self, kind: str, object_id: str) -> None:
-        """Metadata first (the object is gone), then the image."""
-        for ext in (".json", ".img"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._file(kind, object_id, ext))
-            self.system.fsync_dir(self._dirs[kind])
-            crashpoint(f"filepool.{kind}.removed{ext}")
+        return self.store.path("volumes", volume_id)
 
     # ---- capacity -------------------------------------------------------------------
 
@@ -264,23 +178,15 @@ class FilePool(Pool):
         return size, used
 
     def _limit_check(self, extra: int) -> str | None:
-        """Why ``extra`` more provisioned bytes would break a limit (None if it fits)."""
+        """Why ``extra`` more provisioned bytes would break a limit (None if it fits).
+        Call with the store's mutex held."""
         size, used = self._fs_usage()
-        used_pct = 100.0 * used / size if size else 100.0
-        if used_pct >= self.max_used_percent:
-            return (f"pool {self.name!r} is {used_pct:.1f}% physically used, at or over "
-                    f"max_used_percent={self.max_used_percent:g}")
-        provisioned = sum(v.size for v in self._volumes.values()) + self._reserved
-        allowed = int(size * self.overprovision_ratio)
-        if provisioned + extra > allowed:
-            return (f"pool {self.name!r}: provisioning {extra} more bytes would make "
-                    f"{provisioned + extra} provisioned, over overprovision_ratio="
-                    f"{self.overprovision_ratio:g} x {size} bytes = {allowed} bytes")
-        return None
+        return limit_refusal(self.name, size, used, self.store.provisioned() + self._reserved,
+                             extra, self.overprovision_ratio, self.max_used_percent)
 
     @contextlib.contextmanager
     def _reserve(self, extra: int) -> Iterator[None]:
-        with self._mutex:
+        with self.store.mutex:
             reason = self._limit_check(extra)
             if reason:
                 raise ResourceExhausted(reason)
@@ -288,14 +194,14 @@ class FilePool(Pool):
         try:
             yield
         finally:
-            with self._mutex:
+            with self.store.mutex:
                 self._reserved -= extra
 
     def capacity(self) -> Capacity:
         size, used = self._fs_usage()
-        with self._mutex:
-            provisioned = sum(v.size for v in self._volumes.values())
-            nvol, nsnap = len(self._volumes), len(self._snapshots)
+        with self.store.mutex:
+            provisioned = self.store.provisioned()
+            nvol, nsnap = len(self.store.volumes), len(self.store.snapshots)
             refusing = self._limit_check(0) is not None
             reserved = self._reserved
         headroom = int(size * self.overprovision_ratio) - provisioned - reserved
@@ -306,16 +212,13 @@ class FilePool(Pool):
     # ---- volumes --------------------------------------------------------------------
 
     def get_volume(self, volume_id: str) -> Volume | None:
-        with self._mutex:
-            return self._volumes.get(volume_id)
+        return self.store.volume(volume_id)
 
     def find_volume(self, name: str) -> Volume | None:
-        with self._mutex:
-            return next((v for v in self._volumes.values() if v.name == name), None)
+        return self.store.volume_named(name)
 
     def list_volumes(self) -> list[Volume]:
-        with self._mutex:
-            return list(self._volumes.values())
+        return self.store.all_volumes()
 
     def create_volume(self, req: VolumeRequest) -> Volume:
         existing = self.find_volume(req.name)
@@ -326,25 +229,20 @@ class FilePool(Pool):
         volume = Volume(id=new_id(self.name, "vol"), name=req.name, pool=self.name,
                         size=req.size, fs_type=req.fs_type, source=req.source,
                         parameters=dict(req.parameters))
-        tmp_img = os.path.join(self._dirs["tmp"], self._uid(volume.id, "vol") + ".img")  # type: ignore[operator]
+
+        def make(tmp_img: str) -> None:
+            if source_img is None:
+                with open(tmp_img, "wb") as f:
+                    f.truncate(req.size)
+                return
+            with self._quiesced(source_img):
+                self.system.reflink(source_img, tmp_img)
+            crashpoint("filepool.create.cloned")
+            os.truncate(tmp_img, req.size)
+            os.chmod(tmp_img, 0o600)
+
         with self._reserve(req.size):
-            try:
-                if source_img is None:
-                    with open(tmp_img, "wb") as f:
-                        f.truncate(req.size)
-                else:
-                    with self._quiesced(source_img):
-                        self.system.reflink(source_img, tmp_img)
-                    crashpoint("filepool.create.cloned")
-                    os.truncate(tmp_img, req.size)
-                    os.chmod(tmp_img, 0o600)
-                self._commit("volumes", volume.id, tmp_img, _meta_of(volume))
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp_img)
-                raise
-            with self._mutex:
-                self._volumes[volume.id] = volume
+            self.store.build(volume, make)
         log.info("pool %s: created volume %s (%s) %d bytes%s", self.name, volume.id,
                  volume.name, volume.size, f" from {req.source}" if req.source else "")
         return volume
@@ -357,7 +255,7 @@ class FilePool(Pool):
             if snap is None:
                 raise NotFound(f"source snapshot {req.source.id} does not exist in pool "
                                f"{self.name!r}")
-            size, path = snap.size, self._file("snapshots", snap.id, ".img")
+            size, path = snap.size, self.store.path("snapshots", snap.id)
         else:
             vol = self.get_volume(req.source.id)
             if vol is None:
@@ -373,8 +271,7 @@ class FilePool(Pool):
 
     def delete_volume(self, volume_id: str) -> None:
         if self.get_volume(volume_id) is None:
-            if self._uid(volume_id, "vol") is not None:
-                self._remove("volumes", volume_id)  # finish a half-done delete
+            self.store.remove("volumes", volume_id)  # finish a half-done delete
             return
         attached = self.system.loop_devices_for(self.image_path(volume_id))
         if attached:
@@ -382,9 +279,7 @@ class FilePool(Pool):
                 f"volume {volume_id} is still attached as {', '.join(attached)} on this "
                 "node; unpublish and unstage it first"
             )
-        self._remove("volumes", volume_id)
-        with self._mutex:
-            self._volumes.pop(volume_id, None)
+        self.store.remove("volumes", volume_id)
         log.info("pool %s: deleted volume %s", self.name, volume_id)
 
     def expand_volume(self, volume_id: str, size: int) -> Volume:
@@ -399,11 +294,7 @@ class FilePool(Pool):
         with self._reserve(size - vol.size):
             os.truncate(img, size)
             crashpoint("filepool.expand.truncated")
-            grown = Volume(**{**vol.__dict__, "size": size})
-            self.system.write_atomic(self._file("volumes", volume_id, ".json"),
-                                     json.dumps(_meta_of(grown), sort_keys=True).encode())
-            with self._mutex:
-                self._volumes[volume_id] = grown
+            grown = self.store.update(vol, size=size)
         log.info("pool %s: expanded volume %s to %d bytes", self.name, volume_id, size)
         return grown
 
@@ -422,16 +313,13 @@ class FilePool(Pool):
     # ---- snapshots ------------------------------------------------------------------
 
     def get_snapshot(self, snapshot_id: str) -> Snapshot | None:
-        with self._mutex:
-            return self._snapshots.get(snapshot_id)
+        return self.store.snapshot(snapshot_id)
 
     def find_snapshot(self, name: str) -> Snapshot | None:
-        with self._mutex:
-            return next((s for s in self._snapshots.values() if s.name == name), None)
+        return self.store.snapshot_named(name)
 
     def list_snapshots(self) -> list[Snapshot]:
-        with self._mutex:
-            return list(self._snapshots.values())
+        return self.store.all_snapshots()
 
     def create_snapshot(
         self, name: str, source_volume_id: str, parameters: dict[str, str]
@@ -447,33 +335,25 @@ class FilePool(Pool):
         vol = self.get_volume(source_volume_id)
         if vol is None:
             raise NotFound(f"source volume {source_volume_id} does not exist")
-        with self._mutex:
+        with self.store.mutex:
             reason = self._limit_check(0)
         if reason:
             raise ResourceExhausted(reason)
         snap = Snapshot(id=new_id(self.name, "snap"), name=name, pool=self.name,
                         source_volume_id=vol.id, size=vol.size, parameters=dict(parameters))
-        tmp_img = os.path.join(self._dirs["tmp"], self._uid(snap.id, "snap") + ".img")  # type: ignore[operator]
-        try:
-            with self._quiesced(self.image_path(vol.id)):
+        origin = self.image_path(vol.id)
+
+        def make(tmp_img: str) -> None:
+            with self._quiesced(origin):
                 crashpoint("filepool.snapshot.frozen")
-                self.system.reflink(self.image_path(vol.id), tmp_img, mode=0o400)
-            self._commit("snapshots", snap.id, tmp_img, _meta_of(snap))
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp_img)
-            raise
-        with self._mutex:
-            self._snapshots[snap.id] = snap
+                self.system.reflink(origin, tmp_img, mode=0o400)
+
+        self.store.build(snap, make)
         log.info("pool %s: snapshot %s (%s) of %s", self.name, snap.id, name, vol.id)
         return snap
 
     def delete_snapshot(self, snapshot_id: str) -> None:
-        if self._uid(snapshot_id, "snap") is None:
-            return
-        self._remove("snapshots", snapshot_id)
-        with self._mutex:
-            self._snapshots.pop(snapshot_id, None)
+        self.store.remove("snapshots", snapshot_id)
 
     @contextlib.contextmanager
     def _quiesced(self, image: str) -> Iterator[None]:
@@ -506,7 +386,7 @@ class FilePool(Pool):
         return self.system.loop_attach(self._existing_image(volume_id))
 
     def detach(self, volume_id: str) -> None:
-        if self._uid(volume_id, "vol") is None:
+        if self.store.uid(volume_id, "vol") is None:
             return
         for dev in self.system.loop_devices_for(self.image_path(volume_id)):
             self.system.loop_detach(dev)
@@ -521,33 +401,8 @@ class FilePool(Pool):
 
     def device_of(self, volume_id: str) -> str | None:
         """The attached loop device of a volume, if any."""
-        if self._uid(volume_id, "vol") is None:
+        if self.store.uid(volume_id, "vol") is None:
             return None
         devices = self.system.loop_devices_for(self.image_path(volume_id))
         return devices[0] if devices else None
-
-
-def _meta_of(obj: Volume | Snapshot) -> dict[str, Any]:
-    meta = asdict(obj)
-    meta["version"] = FORMAT_VERSION
-    meta["kind"] = "volume" if isinstance(obj, Volume) else "snapshot"
-    return meta
-
-
-def _volume_from(meta: dict[str, Any]) -> Volume:
-    src = meta.get("source")
-    return Volume(
-        id=meta["id"], name=meta["name"], pool=meta["pool"], size=int(meta["size"]),
-        fs_type=meta.get("fs_type", ""),
-        source=Source(src["kind"], src["id"]) if src else None,
-        parameters=dict(meta.get("parameters", {})), created=float(meta["created"]),
-    )
-
-
-def _snapshot_from(meta: dict[str, Any]) -> Snapshot:
-    return Snapshot(
-        id=meta["id"], name=meta["name"], pool=meta["pool"],
-        source_volume_id=meta["source_volume_id"], size=int(meta["size"]),
-        created=float(meta["created"]), parameters=dict(meta.get("parameters", {})),
-    )
 

@@ -39,7 +39,7 @@ def pool(harness: PoolHarness) -> Pool:
     return harness.make()
 
 
-def req(name: str, size: int, source: Source | None = None, block: bool = True,
+def req(name: str, size: int, source: Source | None = None, block: bool = False,
         **params: str) -> VolumeRequest:
     return VolumeRequest(name=name, size=size, required=size, limit=0, fs_type="",
                          block=block, source=source, parameters=dict(params))
@@ -197,21 +197,28 @@ def test_restart_rebuilds_from_storage(pool: Pool, harness: PoolHarness) -> None
 
 
 CHILD = """
-import json, sys
+import json, os, sys
+from pathlib import Path
 from csi.pools import build_pool
 from csi.pools.base import Source, VolumeRequest
 from csi.system import System
 spec = json.loads(sys.argv[1])
-pool = build_pool(spec, System())
+system = System()
+if os.environ.get("FLOTILLA_TEST_NFS_BIND"):  # the nfs-local harness's injected System
+    import tests.integration.pool_harness  # registers the nfs harnesses first
+    from tests.integration.nfs_harness import BindAsNfsSystem
+    root, server = os.environ["FLOTILLA_TEST_NFS_BIND"].split("|")
+    system = BindAsNfsSystem(Path(root), server)
+pool = build_pool(spec, system)
 pool.start()
 print("started", flush=True)
 i = 0
 while True:
     v = pool.create_volume(VolumeRequest(name=f"v{i}", size=int(sys.argv[2]), required=0,
-                                         limit=0, fs_type="", block=True))
+                                         limit=0, fs_type="", block=False))
     s = pool.create_snapshot(f"s{i}", v.id, {})
     pool.create_volume(VolumeRequest(name=f"r{i}", size=int(sys.argv[2]), required=0,
-                                     limit=0, fs_type="", block=True,
+                                     limit=0, fs_type="", block=False,
                                      source=Source("snapshot", s.id)))
     if i % 2:
         pool.delete_volume(v.id)
@@ -227,7 +234,8 @@ def test_kill_at_a_random_moment_leaves_complete_objects(harness: PoolHarness,
     size = 4 * harness.unit
     spec = harness.spec()
     child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(spec), str(size)],
-                             cwd=REPO, stdout=subprocess.PIPE, text=True)
+                             cwd=REPO, stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, **harness.child_env()})
     try:
         assert child.stdout is not None
         assert child.stdout.readline().strip() == "started"
@@ -245,7 +253,7 @@ def test_kill_at_a_random_moment_leaves_complete_objects(harness: PoolHarness,
     n = len(pool.list_volumes())
     for vol in list(pool.list_volumes()):
         again = pool.create_volume(VolumeRequest(
-            name=vol.name, size=vol.size, required=0, limit=0, fs_type="", block=True,
+            name=vol.name, size=vol.size, required=0, limit=0, fs_type="", block=False,
             source=vol.source))
         assert again.id == vol.id
     assert len(pool.list_volumes()) == n

@@ -12,13 +12,15 @@ import os
 import re
 import shutil
 import subprocess
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import require_root
-from tests.helpers import DriverProcess, loop_filesystem
+from tests.helpers import DriverProcess, GiB, loop_filesystem
+from tests.integration.pool_harness import device_mapper_available, lvm_thin_pool
 
 pytestmark = [pytest.mark.root, pytest.mark.sanity]
 
@@ -44,10 +46,20 @@ def filepool_on(fstype: str, workdir: Path) -> Iterator[list[dict[str, object]]]
                 "overprovision_ratio": 100.0}]
 
 
+@contextlib.contextmanager
+def lvmthin_on(workdir: Path) -> Iterator[list[dict[str, object]]]:
+    """A thin pool in a fresh VG (on FLOTILLA_LVM_DEVICE or a loop device)."""
+    vg = f"flsanity{uuid.uuid4().hex[:8]}"
+    with lvm_thin_pool(workdir, vg, "tp", 8 * GiB):
+        yield [{"name": "sanity", "type": "lvmthin", "volume_group": vg, "thin_pool": "tp",
+                "overprovision_ratio": 100.0}]
+
+
 PoolSetup = Callable[[Path], contextlib.AbstractContextManager[list[dict[str, object]]]]
 SANITY_POOLS: dict[str, PoolSetup] = {
     "filepool-xfs": lambda w: filepool_on("xfs", w),
     "filepool-btrfs": lambda w: filepool_on("btrfs", w),
+    "lvmthin": lvmthin_on,
 }
 
 
@@ -55,7 +67,8 @@ def sanity_pools() -> list[str]:
     wanted = os.environ.get("FLOTILLA_SANITY_POOLS")
     if wanted:
         return [w.strip() for w in wanted.split(",") if w.strip()]
-    return ["filepool-xfs"]
+    # lvmthin where the kernel has device-mapper; elsewhere the VM tier runs it
+    return ["filepool-xfs", *(["lvmthin"] if device_mapper_available() else [])]
 
 
 def run_csi_sanity(endpoint: str, workdir: Path, access_type: str,

@@ -456,3 +456,31 @@ def test_agent_resyncs_after_restart(cluster: Cluster) -> None:
     while cluster.api.objects[VOLUMES] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert cluster.api.objects[VOLUMES] == {} and vol.id not in pool.volumes
+
+
+def test_informer_relists_after_an_expired_watch() -> None:
+    from csi.kube.api import Gone
+    from csi.kube.informer import Informer
+
+    class ExpiringApi(MemoryKubeApi):
+        expired = 0
+
+        def watch(self, plural: str, label_selector: str, resource_version: str,
+                  timeout: int) -> Iterator[tuple[str, Obj]]:
+            if self.expired < 2:
+                self.expired += 1
+                # changes made while no watch is open are only seen by a new list
+                self.create(plural, {"metadata": {"name": f"made-{self.expired}"},
+                                     "spec": {}})
+                raise Gone("too old resource version")
+            yield from super().watch(plural, label_selector, resource_version, timeout)
+
+    api = ExpiringApi()
+    seen: list[tuple[str, str]] = []
+    inf = Informer(api, VOLUMES, handler=lambda k, o: seen.append((k, o["metadata"]["name"])))
+    inf.start()
+    try:
+        assert inf.wait_for(lambda s: "made-2" in s, 10)
+        assert ("SYNC", "made-1") in seen and ("SYNC", "made-2") in seen
+    finally:
+        inf.stop()

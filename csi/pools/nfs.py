@@ -1,0 +1,430 @@
+"""``nfs``: one directory per volume on an existing NFS export (ReadWriteMany).
+
+The controller mounts the export at ``mount_dir`` and keeps, on the export itself::
+
+    volumes/<uid>/        a volume's data; nodes mount server:/share/volumes/<uid>
+    volumes/<uid>.json    its metadata (name, recorded size, source)
+    .snapshots/<uid>/     a snapshot: a copy of the volume's tree, never mounted by nodes
+    .snapshots/<uid>.json
+    .tmp/                 trees being built (removed at start)
+    retained/, archived/  where deleted volumes go with on_delete: retain / archive
+
+The volume id (``<pool>:vol-<uid>``) names the pool, whose configuration names the
+server and share, and the uid names the directory: nothing else is needed to find a
+volume. Snapshots, clones and restores copy the tree file by file with ``FICLONE``,
+which an NFSv4.2 client sends as one CLONE operation per file, so on a reflink export
+(XFS reflink=1, btrfs) they cost O(extents); when the server cannot clone, the file is
+copied instead, and the log and the ``flotilla_nfs_*_files`` gauges say which happened.
+
+Capacity: the requested size is recorded, reported and grown by ControllerExpandVolume;
+NFS itself enforces nothing per directory (see the README for what is enforced).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import stat
+import threading
+import time
+
+from csi.errors import (
+    AlreadyExists,
+    CommandFailed,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    ResourceExhausted,
+    Unavailable,
+)
+from csi.faults import crashpoint
+from csi.pools.base import (
+    Capacity,
+    Condition,
+    Options,
+    Pool,
+    Snapshot,
+    Volume,
+    VolumeRequest,
+    check_compatible,
+    limit_refusal,
+    new_id,
+)
+from csi.pools.store import ObjectStore, remove_path
+from csi.system import FICLONE, TIMEOUT_MOUNT, System
+
+log = logging.getLogger(__name__)
+
+#: errors that mean "this filesystem (or server) cannot clone": fall back to copying
+NO_CLONE = frozenset({errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL,
+                      errno.ENOSYS, errno.ENOTSUP})
+COPY_CHUNK = 8 << 20
+
+
+class NfsPool(Pool):
+    type = "nfs"
+    multi_node = True  # shared: any node mounts it; driven by the controller itself
+    block = False
+    network = True
+    node_expansion = False
+
+    def __init__(self, name: str, options: dict[str, object], system: System) -> None:
+        super().__init__(name, options)
+        self.system = system
+        opts = Options(name, options)
+        self.server = opts.text("server")
+        self.share = opts.text("share")
+        if not self.share.startswith("/") or ".." in self.share.split("/"):
+            raise InvalidArgument(f"pool {name!r}: share {self.share!r} must be an absolute "
+                                  "export path without '..'")
+        raw = options.get("mount_options", ["nfsvers=4.2"])
+        opts.used.add("mount_options")
+        if isinstance(raw, str):
+            raw = [o for o in raw.split(",") if o]
+        if not isinstance(raw, list) or not all(isinstance(o, str) and o for o in raw):
+            raise InvalidArgument(f"pool {name!r}: mount_options must be a list of strings, "
+                                  "e.g. [nfsvers=4.2, hard]")
+        self.mount_options = tuple(raw)
+        self.on_delete = opts.text("on_delete", "delete")
+        if self.on_delete not in ("delete", "retain", "archive"):
+            raise InvalidArgument(f"pool {name!r}: on_delete must be delete, retain or "
+                                  f"archive, not {self.on_delete!r}")
+        self.clone_mode = opts.text("clone", "auto")
+        if self.clone_mode not in ("auto", "copy"):
+            raise InvalidArgument(f"pool {name!r}: clone must be auto or copy")
+        self.overprovision_ratio = opts.number("overprovision_ratio", 10.0, 0.01, 1000.0)
+        self.max_used_percent = opts.number("max_used_percent", 95.0, 1.0, 100.0)
+        self.default_size = opts.size("default_volume_size", 1 << 30) or (1 << 30)
+        self.dir_mode = int(opts.text("dir_mode", "0777"), 8)
+        self.mount_dir = os.path.abspath(opts.text("mount_dir", f"/run/flotilla/nfs/{name}"))
+        self.mount_timeout = opts.number("mount_timeout", TIMEOUT_MOUNT, 1.0, 600.0)
+        opts.finish()
+        self.granularity = 1 << 20
+        self.store = ObjectStore(name, system, {
+            "volumes": os.path.join(self.mount_dir, "volumes"),
+            "snapshots": os.path.join(self.mount_dir, ".snapshots"),
+            "tmp": os.path.join(self.mount_dir, ".tmp"),
+        }, "", "nfs")
+        self.counts = {"clone": 0, "copy": 0}
+        self._counts_lock = threading.Lock()
+        self._mounted_here = False
+
+    @property
+    def export(self) -> str:
+        host = f"[{self.server}]" if ":" in self.server else self.server
+        return f"{host}:{self.share}"
+
+    # ---- lifecycle ------------------------------------------------------------------
+
+    def start(self) -> None:
+        os.makedirs(self.mount_dir, exist_ok=True)
+        current = self.system.mount_at(self.mount_dir)
+        if current is not None and not self.system.path_alive(self.mount_dir):
+            log.warning("pool %s: export mount at %s is stale; remounting", self.name,
+                        self.mount_dir)
+            self.system.umount_network(self.mount_dir)
+            current = None
+        if current is None:
+            try:
+                self.system.mount(self.export, self.mount_dir, "nfs", self.mount_options,
+                                  timeout=self.mount_timeout)
+            except CommandFailed as err:
+                raise Unavailable(f"pool {self.name!r}: cannot mount {self.export} "
+                                  f"({','.join(self.mount_options)}): {err}") from None
+            self._mounted_here = True
+        elif current.source.rstrip("/") != self.export.rstrip("/"):
+            raise Unavailable(f"pool {self.name!r}: {self.mount_dir} already has "
+                              f"{current.source} mounted, not {self.export}")
+        else:
+            self._mounted_here = True  # our own mount, left by a previous run: adopt it
+        self.store.make_dirs()
+        for d in ("retained", "archived"):
+            os.makedirs(os.path.join(self.mount_dir, d), exist_ok=True)
+        os.chmod(self.store.dirs["snapshots"], 0o700)
+        self.store.load()
+
+    def stop(self) -> None:
+        if self._mounted_here:
+            self.system.umount_network(self.mount_dir)
+            self._mounted_here = False
+
+    def check(self) -> None:
+        if self.system.mount_at(self.mount_dir) is None:
+            raise Unavailable(f"pool {self.name!r}: {self.export} is not mounted")
+        if not self.system.path_alive(self.mount_dir):
+            raise Unavailable(f"pool {self.name!r}: {self.export} does not answer "
+                              "(stale handle or server down)")
+
+    # ---- capacity -------------------------------------------------------------------
+
+    def _usage(self) -> tuple[int, int]:
+        st = os.statvfs(self.mount_dir)
+        return st.f_blocks * st.f_frsize, (st.f_blocks - st.f_bfree) * st.f_frsize
+
+    def capacity(self) -> Capacity:
+        size, used = self._usage()
+        with self.store.mutex:
+            provisioned = self.store.provisioned()
+            nvol, nsnap = len(self.store.volumes), len(self.store.snapshots)
+        refusing = limit_refusal(self.name, size, used, provisioned, 0,
+                                 self.overprovision_ratio, self.max_used_percent)
+        available = 0 if refusing else max(0, int(size * self.overprovision_ratio)
+                                           - provisioned)
+        with self._counts_lock:
+            extra = {"flotilla_nfs_cloned_files": float(self.counts["clone"]),
+                     "flotilla_nfs_copied_files": float(self.counts["copy"])}
+        return Capacity(size=size, used=used, provisioned=provisioned, available=available,
+                        volumes=nvol, snapshots=nsnap, extra=extra)
+
+    def _refuse_if_over(self, extra: int) -> None:
+        size, used = self._usage()
+        with self.store.mutex:
+            reason = limit_refusal(self.name, size, used, self.store.provisioned(), extra,
+                                   self.overprovision_ratio, self.max_used_percent)
+        if reason:
+            raise ResourceExhausted(reason)
+
+    # ---- copying trees --------------------------------------------------------------
+
+    def _copy_file(self, src: str, dst: str) -> str:
+        """Clone ``src`` to ``dst`` (server-side CLONE over NFSv4.2), else copy it."""
+        fd_src = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            fd_dst = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                if self.clone_mode == "auto":
+                    try:
+                        fcntl.ioctl(fd_dst, FICLONE, fd_src)
+                        return "clone"
+                    except OSError as err:
+                        if err.errno not in NO_CLONE:
+                            raise
+                size = os.fstat(fd_src).st_size
+                while True:
+                    chunk = os.read(fd_src, COPY_CHUNK)
+                    if not chunk:
+                        break
+                    os.write(fd_dst, chunk)
+                os.ftruncate(fd_dst, size)
+                return "copy"
+            finally:
+                os.close(fd_dst)
+        finally:
+            os.close(fd_src)
+
+    def copy_tree(self, src: str, dst: str) -> dict[str, int]:
+        """Copy a directory tree like ``cp -a`` (modes, owners, times, symlinks,
+        special files); regular files are cloned where the server can."""
+        counts = {"clone": 0, "copy": 0}
+        dirs: list[tuple[str, os.stat_result]] = []
+
+        def walk(s: str, d: str) -> None:
+            st = os.lstat(s)
+            os.mkdir(d, 0o700)
+            dirs.append((d, st))
+            with os.scandir(s) as entries:
+                for e in entries:
+                    sp, dp = e.path, os.path.join(d, e.name)
+                    est = e.stat(follow_symlinks=False)
+                    if stat.S_ISDIR(est.st_mode):
+                        walk(sp, dp)
+                        continue
+                    if stat.S_ISLNK(est.st_mode):
+                        os.symlink(os.readlink(sp), dp)
+                    elif stat.S_ISREG(est.st_mode):
+                        counts[self._copy_file(sp, dp)] += 1
+                    elif stat.S_ISFIFO(est.st_mode):
+                        os.mkfifo(dp, 0o600)
+                    elif stat.S_ISCHR(est.st_mode) or stat.S_ISBLK(est.st_mode):
+                        os.mknod(dp, est.st_mode, est.st_rdev)
+                    else:
+                        continue  # sockets are not data
+                    _copy_stat(dp, est)
+
+        walk(src, dst)
+        for d, st in reversed(dirs):  # children first: their times are set last
+            _copy_stat(d, st)
+        with self._counts_lock:
+            for k, v in counts.items():
+                self.counts[k] += v
+        return counts
+
+    # ---- volumes --------------------------------------------------------------------
+
+    def get_volume(self, volume_id: str) -> Volume | None:
+        return self.store.volume(volume_id)
+
+    def find_volume(self, name: str) -> Volume | None:
+        return self.store.volume_named(name)
+
+    def list_volumes(self) -> list[Volume]:
+        return self.store.all_volumes()
+
+    def volume_dir(self, volume_id: str) -> str:
+        return self.store.path("volumes", volume_id)
+
+    def create_volume(self, req: VolumeRequest) -> Volume:
+        if req.block:
+            raise InvalidArgument(f"pool {self.name!r} (nfs) serves filesystem volumes only")
+        existing = self.find_volume(req.name)
+        if existing is not None:
+            check_compatible(existing, req)
+            return existing
+        source_dir = self._source_dir(req)
+        self._refuse_if_over(req.size)
+        volume = Volume(id=new_id(self.name, "vol"), name=req.name, pool=self.name,
+                        size=req.size, fs_type="nfs", source=req.source,
+                        parameters=dict(req.parameters))
+
+        def make(tmp: str) -> None:
+            if source_dir is None:
+                os.mkdir(tmp)
+            else:
+                counts = self.copy_tree(source_dir, tmp)
+                crashpoint("nfs.create.copied")
+                log.info("pool %s: %s from %s: %d files cloned server-side, %d copied",
+                         self.name, req.name, req.source, counts["clone"], counts["copy"])
+            os.chmod(tmp, self.dir_mode)
+
+        self.store.build(volume, make)
+        log.info("pool %s: created volume %s (%s) %d bytes", self.name, volume.id,
+                 volume.name, volume.size)
+        return volume
+
+    def _source_dir(self, req: VolumeRequest) -> str | None:
+        if req.source is None:
+            return None
+        if req.source.kind == "snapshot":
+            snap = self.get_snapshot(req.source.id)
+            if snap is None:
+                raise NotFound(f"source snapshot {req.source.id} does not exist")
+            size, path = snap.size, self.store.path("snapshots", snap.id)
+        else:
+            vol = self.get_volume(req.source.id)
+            if vol is None:
+                raise NotFound(f"source volume {req.source.id} does not exist")
+            size, path = vol.size, self.volume_dir(vol.id)
+        if req.size < size:
+            raise OutOfRange(f"requested {req.size} bytes is smaller than the source's "
+                             f"{size} bytes")
+        return path
+
+    def delete_volume(self, volume_id: str) -> None:
+        self.store.remove("volumes", volume_id, self._dispose)
+
+    def _dispose(self, payload: str) -> None:
+        uid = os.path.basename(payload)
+        if self.on_delete == "delete":
+            remove_path(payload)
+        elif self.on_delete == "retain":
+            os.rename(payload, os.path.join(self.mount_dir, "retained", uid))
+        else:
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            os.rename(payload, os.path.join(self.mount_dir, "archived", f"{stamp}-{uid}"))
+        log.info("pool %s: volume directory %s: on_delete=%s", self.name, uid,
+                 self.on_delete)
+
+    def expand_volume(self, volume_id: str, size: int) -> Volume:
+        vol = self.get_volume(volume_id)
+        if vol is None:
+            raise NotFound(f"volume {volume_id} does not exist")
+        if size <= vol.size:
+            return vol
+        self._refuse_if_over(size - vol.size)
+        return self.store.update(vol, size=size)
+
+    def volume_condition(self, volume_id: str) -> Condition:
+        if self.get_volume(volume_id) is None:
+            return Condition(True, "volume metadata is missing")
+        if not os.path.isdir(self.volume_dir(volume_id)):
+            return Condition(True, "volume directory is missing on the export")
+        return Condition(False, "volume is healthy")
+
+    # ---- snapshots ------------------------------------------------------------------
+
+    def get_snapshot(self, snapshot_id: str) -> Snapshot | None:
+        return self.store.snapshot(snapshot_id)
+
+    def find_snapshot(self, name: str) -> Snapshot | None:
+        return self.store.snapshot_named(name)
+
+    def list_snapshots(self) -> list[Snapshot]:
+        return self.store.all_snapshots()
+
+    def create_snapshot(self, name: str, source_volume_id: str,
+                        parameters: dict[str, str]) -> Snapshot:
+        existing = self.find_snapshot(name)
+        if existing is not None:
+            if existing.source_volume_id != source_volume_id:
+                raise AlreadyExists(f"snapshot {name!r} exists for volume "
+                                    f"{existing.source_volume_id}, not {source_volume_id}")
+            return existing
+        vol = self.get_volume(source_volume_id)
+        if vol is None:
+            raise NotFound(f"source volume {source_volume_id} does not exist")
+        self._refuse_if_over(0)
+        snap = Snapshot(id=new_id(self.name, "snap"), name=name, pool=self.name,
+                        source_volume_id=vol.id, size=vol.size, parameters=dict(parameters))
+        started = time.monotonic()
+        counts: dict[str, int] = {}
+
+        def make(tmp: str) -> None:
+            counts.update(self.copy_tree(self.volume_dir(vol.id), tmp))
+            crashpoint("nfs.snapshot.copied")
+            os.chmod(tmp, 0o500)  # read-only top; the tree is never mounted by nodes
+
+        self.store.build(snap, make)
+        method = "clone" if counts.get("clone") and not counts.get("copy") else (
+            "copy" if counts.get("copy") and not counts.get("clone") else "mixed")
+        log.info("pool %s: snapshot %s of %s in %.3fs: %d files cloned server-side, %d "
+                 "copied (%s)", self.name, snap.id, vol.id, time.monotonic() - started,
+                 counts.get("clone", 0), counts.get("copy", 0), method)
+        return snap
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        self.store.remove("snapshots", snapshot_id, _remove_readonly_tree)
+
+    # ---- node side: a network mount, no block device -------------------------------
+
+    def mount_source(self, volume_id: str) -> str:
+        uid = self.store.uid(volume_id, "vol")
+        if uid is None:
+            raise NotFound(f"volume {volume_id} is not in pool {self.name!r}")
+        return f"{self.export.rstrip('/')}/volumes/{uid}"
+
+    def attach(self, volume_id: str) -> str:
+        raise FailedPrecondition(f"pool {self.name!r} (nfs) volumes are mounted over the "
+                                 "network, not attached as block devices")
+
+    def detach(self, volume_id: str) -> None:
+        return None
+
+    def device_of(self, volume_id: str) -> str | None:
+        return None
+
+    def refresh_device(self, volume_id: str) -> int:
+        vol = self.get_volume(volume_id)
+        if vol is None:
+            raise NotFound(f"volume {volume_id} does not exist")
+        return vol.size
+
+
+def _copy_stat(path: str, st: os.stat_result) -> None:
+    """Owner, mode and times of ``st`` onto ``path`` (not following symlinks)."""
+    with contextlib.suppress(PermissionError):
+        os.chown(path, st.st_uid, st.st_gid, follow_symlinks=False)
+    if not stat.S_ISLNK(st.st_mode):
+        os.chmod(path, stat.S_IMODE(st.st_mode))
+    with contextlib.suppress(NotImplementedError, OSError):
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
+def _remove_readonly_tree(path: str) -> None:
+    """Snapshots are made read-only at the top: allow their removal first."""
+    with contextlib.suppress(FileNotFoundError):
+        os.chmod(path, 0o700)
+    remove_path(path)
