@@ -1,0 +1,749 @@
+"""``lvmthin``: thin logical volumes in an LVM2 thin pool (device-mapper dm-thin).
+
+Options::
+
+    volume_group          the VG that holds the thin pool (required)
+    thin_pool             the thin-pool LV in that VG (required)
+    overprovision_ratio   refuse when provisioned bytes would pass ratio x pool data size
+    max_data_percent      refuse when the pool's data space is this full (Data%)
+    max_metadata_percent  refuse when the pool's metadata space is this full (Meta%)
+    default_volume_size   size of a volume whose request leaves it open
+
+Objects are LVs in the VG, bound to the thin pool::
+
+    fl-<pool>-vol-<uid>    a volume: a thin LV (or a thin snapshot made writable, for
+                           clones and restores); active only while attached
+    fl-<pool>-snap-<uid>   a snapshot: a thin snapshot of the volume, with the activation
+                           skip flag set, so it is never activated unless asked for
+
+The CSI name, size, filesystem, parameters and content source of each object are LV
+tags (``fl.name=...``), written by the same ``lvcreate`` that makes the LV, so LVM
+metadata is the only state and an object exists exactly when its LV does. The one
+two-step change is a size change (restore into a larger volume, expansion): the size tag
+is written first, then ``lvextend``; :meth:`LvmThinPool.start` (and attach) finish an
+``lvextend`` a crash left undone. Thin snapshots are independent of their origin, so a
+volume can be deleted while its snapshots live, and the other way round.
+
+Every ``lvm`` command runs through :meth:`csi.system.System.lvm` with a timeout and with
+udev synchronisation off, which works inside a node container (no udev) and inside the
+test VM alike.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+from csi.errors import (
+    AlreadyExists,
+    CommandFailed,
+    FailedPrecondition,
+    FlotillaError,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    ResourceExhausted,
+    Unavailable,
+)
+from csi.faults import crashpoint
+from csi.pools.base import (
+    Capacity,
+    Condition,
+    Options,
+    Pool,
+    Snapshot,
+    Source,
+    Volume,
+    VolumeRequest,
+    check_compatible,
+    new_id,
+    parse_id,
+)
+from csi.system import LVM_LV_FIELDS, System
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = "1"
+LVM_NAME_RE = re.compile(r"^[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}$")
+TAG_PREFIX = "fl."
+#: how long a report of the VG's LVs stays fresh for read-only questions (conditions)
+REPORT_TTL = 1.0
+#: how old the thin pool's Data%/Meta% may be for limit checks and capacity: they move
+#: with writes inside volumes, which the pool never sees, so a few seconds is as good
+STATUS_TTL = 5.0
+LOCK_DIR = "/run/lock"
+
+
+def _b64(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def _unb64(text: str) -> str:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
+
+
+@dataclass(frozen=True)
+class LV:
+    """One row of ``lvs`` for this VG."""
+
+    name: str
+    attr: str
+    size: int
+    tags: dict[str, str]
+    pool_lv: str
+    origin: str
+    active: bool
+    open: bool
+    suspended: bool
+    health: str
+    data_percent: float | None
+    metadata_percent: float | None
+    metadata_size: int
+    kernel_major: int
+    kernel_minor: int
+
+    @classmethod
+    def from_report(cls, row: dict[str, str]) -> LV:
+        tags = {}
+        for tag in filter(None, row.get("lv_tags", "").split(",")):
+            key, sep, value = tag.partition("=")
+            if sep and key.startswith(TAG_PREFIX):
+                tags[key[len(TAG_PREFIX):]] = value
+
+        def pct(key: str) -> float | None:
+            value = row.get(key, "")
+            return float(value) if value else None
+
+        def num(key: str) -> int:
+            value = row.get(key, "")
+            return int(value) if value.lstrip("-").isdigit() else -1
+
+        return cls(
+            name=row["lv_name"], attr=row.get("lv_attr", ""), size=max(0, num("lv_size")),
+            tags=tags, pool_lv=row.get("pool_lv", ""), origin=row.get("origin", ""),
+            active=row.get("lv_active", "") == "active",
+            open=row.get("lv_device_open", "") == "open",
+            suspended=row.get("lv_suspended", "") == "suspended",
+            health=row.get("lv_health_status", ""),
+            data_percent=pct("data_percent"), metadata_percent=pct("metadata_percent"),
+            metadata_size=max(0, num("lv_metadata_size")),
+            kernel_major=num("lv_kernel_major"), kernel_minor=num("lv_kernel_minor"),
+        )
+
+
+@dataclass(frozen=True)
+class PoolStatus:
+    size: int  # data space
+    metadata_size: int
+    data_percent: float
+    metadata_percent: float
+    health: str
+
+    @property
+    def physical(self) -> int:
+        return self.size + self.metadata_size
+
+    @property
+    def used(self) -> int:
+        return int(self.size * self.data_percent / 100.0
+                   + self.metadata_size * self.metadata_percent / 100.0)
+
+
+class LvmThinPool(Pool):
+    type = "lvmthin"
+
+    def __init__(self, name: str, options: dict[str, object], system: System) -> None:
+        super().__init__(name, options)
+        self.system = system
+        opts = Options(name, options)
+        self.vg = opts.text("volume_group")
+        self.thin_pool = opts.text("thin_pool")
+        self.overprovision_ratio = opts.number("overprovision_ratio", 10.0, 0.01, 1000.0)
+        self.max_data_percent = opts.number("max_data_percent", 90.0, 1.0, 100.0)
+        self.max_metadata_percent = opts.number("max_metadata_percent", 80.0, 1.0, 100.0)
+        self.default_size = opts.size("default_volume_size", 1 << 30) or (1 << 30)
+        opts.finish()
+        for key, value in (("volume_group", self.vg), ("thin_pool", self.thin_pool)):
+            if not LVM_NAME_RE.match(value):
+                raise InvalidArgument(
+                    f"pool {name!r}: option {key}={value!r} is not an LVM name (letters, "
+                    "digits, '+', '_', '.', '-'; not starting with '-'; at most 127)"
+                )
+        self._lv_re = re.compile(rf"^fl-{re.escape(name)}-(vol|snap)-([0-9a-f]{{32}})$")
+        self._mutex = threading.Lock()
+        self._volumes: dict[str, Volume] = {}
+        self._snapshots: dict[str, Snapshot] = {}
+        self._reserved = 0
+        self._lock_fd: int | None = None
+        self._report_cache: tuple[float, list[LV]] | None = None
+        self._status_cache: tuple[float, PoolStatus] | None = None
+        #: volumes whose LV may be smaller than their size tag (an interrupted growth)
+        self._short: set[str] = set()
+
+    # ---- naming ---------------------------------------------------------------------
+
+    def lv_name(self, object_id: str) -> str | None:
+        """The LV of a volume or snapshot id of this pool (None when not ours)."""
+        parsed = parse_id(object_id)
+        if parsed is None or parsed[0] != self.name:
+            return None
+        return f"fl-{self.name}-{parsed[1]}-{parsed[2]}"
+
+    def _lv(self, object_id: str) -> str:
+        name = self.lv_name(object_id)
+        if name is None:
+            raise NotFound(f"{object_id} is not an object of pool {self.name!r}")
+        return name
+
+    def _path(self, lv: str) -> str:
+        return f"{self.vg}/{lv}"
+
+    @property
+    def dm_prefix(self) -> str:
+        return self.vg.replace("-", "--") + "-"
+
+    def _dm_name(self, lv: str) -> str:
+        return self.dm_prefix + lv.replace("-", "--")
+
+    # ---- lvm ------------------------------------------------------------------------
+
+    def _report(self, fresh: bool = True) -> list[LV]:
+        """All LVs of the VG; a cached copy up to REPORT_TTL old when ``fresh`` is False."""
+        now = time.monotonic()
+        cached = self._report_cache
+        if not fresh and cached is not None and now - cached[0] < REPORT_TTL:
+            return cached[1]
+        try:
+            rows = self.system.lvm_report("lvs", LVM_LV_FIELDS, [self.vg])
+        except CommandFailed as err:
+            raise Unavailable(f"pool {self.name!r}: cannot list the LVs of volume group "
+                              f"{self.vg!r}: {err}") from None
+        lvs = [LV.from_report(r) for r in rows]
+        self._report_cache = (time.monotonic(), lvs)
+        pool = next((x for x in lvs if x.name == self.thin_pool), None)
+        if (pool is not None and pool.attr.startswith("t") and pool.data_percent is not None
+                and pool.metadata_percent is not None):
+            self._status_cache = (time.monotonic(), PoolStatus(
+                size=pool.size, metadata_size=pool.metadata_size,
+                data_percent=pool.data_percent, metadata_percent=pool.metadata_percent,
+                health=pool.health))
+        else:
+            self._status_cache = None
+        return lvs
+
+    def _invalidate(self) -> None:
+        self._report_cache = None
+
+    def _find_lv(self, lv: str, fresh: bool = True) -> LV | None:
+        return next((x for x in self._report(fresh) if x.name == lv), None)
+
+    def _lvm(self, command: str, *args: str) -> None:
+        self._invalidate()
+        try:
+            self.system.lvm(command, *args)
+        except CommandFailed as err:
+            text = err.stderr
+            if ("free space in thin pool" in text or "Insufficient free space" in text
+                    or "out of data space" in text):
+                raise ResourceExhausted(
+                    f"pool {self.name!r}: thin pool {self.vg}/{self.thin_pool} has no room: "
+                    f"{text[-300:]}") from None
+            raise
+        finally:
+            self._invalidate()
+
+    def _status(self) -> PoolStatus:
+        """The thin pool's size and fill levels, at most STATUS_TTL seconds old."""
+        cached = self._status_cache
+        if cached is not None and time.monotonic() - cached[0] < STATUS_TTL:
+            return cached[1]
+        pool = self._find_lv(self.thin_pool)
+        if pool is None or not pool.attr.startswith("t"):
+            raise Unavailable(f"pool {self.name!r}: thin pool {self.vg}/{self.thin_pool} is "
+                              "missing; create it as docs/lvmthin.md describes")
+        if pool.data_percent is None or pool.metadata_percent is None:
+            raise Unavailable(f"pool {self.name!r}: thin pool {self.vg}/{self.thin_pool} is "
+                              "not active; activate it with lvchange -ay "
+                              f"{self.vg}/{self.thin_pool}")
+        assert self._status_cache is not None
+        return self._status_cache[1]
+
+    # ---- lifecycle ------------------------------------------------------------------
+
+    def start(self) -> None:
+        if shutil.which("lvm") is None:
+            raise Unavailable(f"pool {self.name!r}: the lvm command is not installed "
+                              "(Debian/Ubuntu package lvm2, plus thin-provisioning-tools)")
+        try:
+            vgs = self.system.lvm_report("vgs", ["vg_name", "vg_extent_size"], [self.vg])
+        except CommandFailed as err:
+            raise Unavailable(f"pool {self.name!r}: volume group {self.vg!r} is not usable "
+                              f"({err}); create it as docs/lvmthin.md describes") from None
+        if not vgs:
+            raise Unavailable(f"pool {self.name!r}: volume group {self.vg!r} not found")
+        self.granularity = int(vgs[0]["vg_extent_size"])
+        pool = self._find_lv(self.thin_pool)
+        if pool is None or not pool.attr.startswith("t"):
+            raise Unavailable(
+                f"pool {self.name!r}: {self.vg}/{self.thin_pool} is not a thin pool; create "
+                f"it with: lvcreate --type thin-pool -L <size> -n {self.thin_pool} {self.vg}"
+            )
+        if not pool.active:
+            self._lvm("lvchange", "--activate", "y", self._path(self.thin_pool))
+        self._take_lock()
+        try:
+            self._reconcile()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _take_lock(self) -> None:
+        """One flotilla process per thin pool: its in-memory index must be the only one."""
+        os.makedirs(LOCK_DIR, exist_ok=True)
+        path = os.path.join(LOCK_DIR, f"flotilla-lvmthin-{self.vg}-{self.thin_pool}.lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise Unavailable(f"pool {self.name!r}: thin pool {self.vg}/{self.thin_pool} is "
+                              "in use by another flotilla process") from None
+        self._lock_fd = fd
+
+    def _reconcile(self) -> None:
+        """Rebuild the index from LV tags; finish size changes a crash interrupted."""
+        volumes: dict[str, Volume] = {}
+        snapshots: dict[str, Snapshot] = {}
+        for lv in self._report(fresh=False):
+            m = self._lv_re.match(lv.name)
+            if m is None:
+                continue
+            if lv.pool_lv != self.thin_pool:
+                log.error("pool %s: LV %s/%s is not in thin pool %s (left in place)",
+                          self.name, self.vg, lv.name, self.thin_pool)
+                continue
+            if lv.suspended:
+                log.warning("pool %s: resuming %s, left suspended by an interrupted "
+                            "command", self.name, lv.name)
+                self.system.run(["dmsetup", "resume", self._dm_name(lv.name)])
+            kind, uid = m.groups()
+            object_id = f"{self.name}:{kind}-{uid}"
+            try:
+                if kind == "vol":
+                    vol = self._volume_from(object_id, lv)
+                    volumes[vol.id] = vol
+                    if lv.size < vol.size:
+                        self._short.add(vol.id)
+                else:
+                    snap = self._snapshot_from(object_id, lv)
+                    snapshots[snap.id] = snap
+            except (KeyError, ValueError, binascii.Error, UnicodeDecodeError) as err:
+                log.error("pool %s: LV %s/%s has unreadable tags (%s); left in place",
+                          self.name, self.vg, lv.name, err)
+        with self._mutex:
+            self._volumes = volumes
+            self._snapshots = snapshots
+        for vol in volumes.values():
+            if vol.id in self._short:
+                log.info("pool %s: finishing the growth of %s to %d bytes", self.name,
+                         vol.id, vol.size)
+                try:
+                    self._finish_growth(vol)
+                except FlotillaError as err:
+                    log.error("pool %s: growing %s failed (retried at attach): %s",
+                              self.name, vol.id, err)
+        log.info("pool %s: %d volumes, %d snapshots in %s/%s", self.name, len(volumes),
+                 len(snapshots), self.vg, self.thin_pool)
+
+    def check(self) -> None:
+        if self._lock_fd is None:
+            raise Unavailable(f"pool {self.name!r} is not started")
+        status = self._status()
+        if status.health in ("failed", "out_of_data", "metadata_read_only"):
+            raise Unavailable(f"pool {self.name!r}: thin pool {self.vg}/{self.thin_pool} "
+                              f"is {status.health}; see docs/lvmthin.md (recovery)")
+
+    # ---- tags -----------------------------------------------------------------------
+
+    def _tags(self, obj: Volume | Snapshot) -> list[str]:
+        tags = {"v": FORMAT_VERSION, "name": _b64(obj.name), "size": str(obj.size),
+                "created": repr(obj.created)}
+        if obj.parameters:
+            tags["params"] = _b64(json.dumps(obj.parameters, sort_keys=True))
+        if isinstance(obj, Volume):
+            if obj.fs_type:
+                tags["fs"] = obj.fs_type
+            if obj.source is not None:
+                tags["src" + ("snap" if obj.source.kind == "snapshot" else "vol")] = \
+                    obj.source.id
+        else:
+            tags["srcvol"] = obj.source_volume_id
+        args = []
+        for key, value in tags.items():
+            args += ["--addtag", f"{TAG_PREFIX}{key}={value}"]
+        return args
+
+    def _volume_from(self, object_id: str, lv: LV) -> Volume:
+        t = lv.tags
+        if t["v"] != FORMAT_VERSION:
+            raise ValueError(f"format version {t['v']}")
+        source = None
+        if "srcsnap" in t:
+            source = Source("snapshot", t["srcsnap"])
+        elif "srcvol" in t:
+            source = Source("volume", t["srcvol"])
+        return Volume(id=object_id, name=_unb64(t["name"]), pool=self.name,
+                      size=int(t["size"]), fs_type=t.get("fs", ""), source=source,
+                      parameters=json.loads(_unb64(t["params"])) if "params" in t else {},
+                      created=float(t["created"]))
+
+    def _snapshot_from(self, object_id: str, lv: LV) -> Snapshot:
+        t = lv.tags
+        if t["v"] != FORMAT_VERSION:
+            raise ValueError(f"format version {t['v']}")
+        return Snapshot(id=object_id, name=_unb64(t["name"]), pool=self.name,
+                        source_volume_id=t["srcvol"], size=int(t["size"]),
+                        created=float(t["created"]),
+                        parameters=json.loads(_unb64(t["params"])) if "params" in t else {})
+
+    # ---- capacity -------------------------------------------------------------------
+
+    def _limit_check(self, status: PoolStatus, extra: int) -> str | None:
+        """Why ``extra`` more provisioned bytes would break a limit (None if it fits).
+        Call with the mutex held."""
+        where = f"pool {self.name!r} (thin pool {self.vg}/{self.thin_pool})"
+        if status.data_percent >= self.max_data_percent:
+            return (f"{where}: data space is {status.data_percent:.1f}% used, at or over "
+                    f"max_data_percent={self.max_data_percent:g}")
+        if status.metadata_percent >= self.max_metadata_percent:
+            return (f"{where}: metadata space is {status.metadata_percent:.1f}% used, at or "
+                    f"over max_metadata_percent={self.max_metadata_percent:g}")
+        provisioned = sum(v.size for v in self._volumes.values()) + self._reserved
+        allowed = int(status.size * self.overprovision_ratio)
+        if extra and provisioned + extra > allowed:
+            return (f"{where}: provisioning {extra} more bytes would make "
+                    f"{provisioned + extra} provisioned, over overprovision_ratio="
+                    f"{self.overprovision_ratio:g} x {status.size} bytes = {allowed} bytes")
+        return None
+
+    @contextlib.contextmanager
+    def _reserve(self, extra: int) -> Iterator[None]:
+        status = self._status()
+        with self._mutex:
+            reason = self._limit_check(status, extra)
+            if reason:
+                raise ResourceExhausted(reason)
+            self._reserved += extra
+        try:
+            yield
+        finally:
+            with self._mutex:
+                self._reserved -= extra
+
+    def capacity(self) -> Capacity:
+        status = self._status()
+        with self._mutex:
+            provisioned = sum(v.size for v in self._volumes.values())
+            nvol, nsnap = len(self._volumes), len(self._snapshots)
+            refusing = self._limit_check(status, 0) is not None
+            reserved = self._reserved
+        headroom = int(status.size * self.overprovision_ratio) - provisioned - reserved
+        available = 0 if refusing else max(0, headroom) // self.granularity * self.granularity
+        return Capacity(
+            size=status.physical, used=status.used, provisioned=provisioned, available=available,
+            volumes=nvol, snapshots=nsnap,
+            extra={
+                "flotilla_thinpool_data_percent": status.data_percent,
+                "flotilla_thinpool_metadata_percent": status.metadata_percent,
+                "flotilla_thinpool_overprovision_ratio":
+                    provisioned / status.size if status.size else 0.0,
+            },
+        )
+
+    def _round(self, size: int) -> int:
+        return -(-size // self.granularity) * self.granularity
+
+    # ---- volumes --------------------------------------------------------------------
+
+    def get_volume(self, volume_id: str) -> Volume | None:
+        with self._mutex:
+            return self._volumes.get(volume_id)
+
+    def find_volume(self, name: str) -> Volume | None:
+        with self._mutex:
+            return next((v for v in self._volumes.values() if v.name == name), None)
+
+    def list_volumes(self) -> list[Volume]:
+        with self._mutex:
+            return list(self._volumes.values())
+
+    def create_volume(self, req: VolumeRequest) -> Volume:
+        existing = self.find_volume(req.name)
+        if existing is not None:
+            check_compatible(existing, req)
+            self._finish_growth(existing)
+            return existing
+        source_lv, source_size = self._source_lv(req)
+        if req.size < source_size:
+            raise OutOfRange(
+                f"requested {req.size} bytes is smaller than the source's {source_size} "
+                "bytes; a volume can only be restored or cloned at the same size or larger"
+            )
+        volume = Volume(id=new_id(self.name, "vol"), name=req.name, pool=self.name,
+                        size=req.size, fs_type=req.fs_type, source=req.source,
+                        parameters=dict(req.parameters))
+        lv = self._lv(volume.id)
+        with self._reserve(req.size):
+            if source_lv is None:
+                self._lvm("lvcreate", "--type", "thin", "--virtualsize", f"{req.size}b",
+                          "--thinpool", self.thin_pool, "--name", lv, "--activate", "n",
+                          *self._tags(volume), self.vg)
+            else:
+                # a writable thin snapshot of the source; the size tag says what it will be
+                self._lvm("lvcreate", "--snapshot", "--setactivationskip", "n",
+                          "--activate", "n", "--name", lv, *self._tags(volume),
+                          self._path(source_lv))
+                if req.size > source_size:
+                    self._short.add(volume.id)
+                    crashpoint("lvmthin.create.snapshotted")
+                    self._grow(lv, req.size)
+                    self._short.discard(volume.id)
+            with self._mutex:
+                self._volumes[volume.id] = volume
+        log.info("pool %s: created volume %s (%s) %d bytes%s", self.name, volume.id,
+                 volume.name, volume.size, f" from {req.source}" if req.source else "")
+        return volume
+
+    def _source_lv(self, req: VolumeRequest) -> tuple[str | None, int]:
+        if req.source is None:
+            return None, 0
+        if req.source.kind == "snapshot":
+            snap = self.get_snapshot(req.source.id)
+            if snap is None:
+                raise NotFound(f"source snapshot {req.source.id} does not exist in pool "
+                               f"{self.name!r}")
+            return self._lv(snap.id), snap.size
+        vol = self.get_volume(req.source.id)
+        if vol is None:
+            raise NotFound(f"source volume {req.source.id} does not exist in pool "
+                           f"{self.name!r}")
+        return self._lv(vol.id), vol.size
+
+    def _grow(self, lv: str, size: int) -> None:
+        """``lvextend`` to at least ``size``; an LV already that large is fine."""
+        try:
+            self._lvm("lvextend", "--size", f"{size}b", self._path(lv))
+        except CommandFailed as err:
+            if "matches existing size" in err.stderr or "not larger than" in err.stderr:
+                return
+            raise
+
+    def _finish_growth(self, vol: Volume) -> None:
+        """Grow the LV to its size tag when a growth was interrupted (a crash, a failed
+        ``lvextend``): the size tag is the intent, written first."""
+        if vol.id in self._short:
+            self._grow(self._lv(vol.id), vol.size)
+            self._short.discard(vol.id)
+
+    def delete_volume(self, volume_id: str) -> None:
+        vol = self.get_volume(volume_id)
+        if vol is None:
+            return
+        self._remove_lv(self._lv(volume_id))
+        with self._mutex:
+            self._volumes.pop(volume_id, None)
+        log.info("pool %s: deleted volume %s", self.name, volume_id)
+
+    def _remove_lv(self, lv: str) -> None:
+        try:
+            self._lvm("lvremove", "--force", self._path(lv))
+        except CommandFailed as err:
+            if "Failed to find logical volume" in err.stderr:
+                return
+            if "in use" in err.stderr or "open logical volume" in err.stderr:
+                raise FailedPrecondition(
+                    f"{self.vg}/{lv} is in use on this node (mounted or open); unpublish "
+                    f"and unstage it first: {err.stderr[-200:]}") from None
+            raise
+
+    def expand_volume(self, volume_id: str, size: int) -> Volume:
+        vol = self.get_volume(volume_id)
+        if vol is None:
+            raise NotFound(f"volume {volume_id} does not exist")
+        if size <= vol.size:
+            self._finish_growth(vol)
+            return vol
+        lv = self._lv(volume_id)
+        with self._reserve(size - vol.size):
+            grown = replace(vol, size=size)
+            # intent first (the size tag), then the lvextend: a crash in between is
+            # finished by start() or the next attach
+            self._lvm("lvchange", "--deltag", f"{TAG_PREFIX}size={vol.size}",
+                      "--addtag", f"{TAG_PREFIX}size={size}", self._path(lv))
+            with self._mutex:
+                self._volumes[volume_id] = grown
+            self._short.add(volume_id)
+            crashpoint("lvmthin.expand.tagged")
+            self._grow(lv, size)
+            self._short.discard(volume_id)
+        log.info("pool %s: expanded volume %s to %d bytes", self.name, volume_id, size)
+        return grown
+
+    def volume_condition(self, volume_id: str) -> Condition:
+        vol = self.get_volume(volume_id)
+        if vol is None:
+            return Condition(True, "volume is not in the pool's index")
+        try:
+            lvs = self._report(fresh=False)
+        except Unavailable as err:
+            return Condition(True, str(err))
+        lv = next((x for x in lvs if x.name == self._lv(volume_id)), None)
+        if lv is None:
+            return Condition(True, f"LV {self.vg}/{self._lv(volume_id)} is missing")
+        pool = next((x for x in lvs if x.name == self.thin_pool), None)
+        if pool is not None and pool.health:
+            return Condition(True, f"thin pool {self.vg}/{self.thin_pool} is {pool.health}")
+        if lv.health:
+            return Condition(True, f"LV {self.vg}/{lv.name} is {lv.health}")
+        if lv.size < vol.size:
+            return Condition(True, f"LV is {lv.size} bytes, expected {vol.size}")
+        return Condition(False, "volume is healthy")
+
+    # ---- snapshots ------------------------------------------------------------------
+
+    def get_snapshot(self, snapshot_id: str) -> Snapshot | None:
+        with self._mutex:
+            return self._snapshots.get(snapshot_id)
+
+    def find_snapshot(self, name: str) -> Snapshot | None:
+        with self._mutex:
+            return next((s for s in self._snapshots.values() if s.name == name), None)
+
+    def list_snapshots(self) -> list[Snapshot]:
+        with self._mutex:
+            return list(self._snapshots.values())
+
+    def create_snapshot(
+        self, name: str, source_volume_id: str, parameters: dict[str, str]
+    ) -> Snapshot:
+        existing = self.find_snapshot(name)
+        if existing is not None:
+            if existing.source_volume_id != source_volume_id:
+                raise AlreadyExists(
+                    f"snapshot {name!r} exists for volume {existing.source_volume_id}, "
+                    f"not {source_volume_id}"
+                )
+            return existing
+        vol = self.get_volume(source_volume_id)
+        if vol is None:
+            raise NotFound(f"source volume {source_volume_id} does not exist")
+        status = self._status()
+        with self._mutex:
+            reason = self._limit_check(status, 0)
+        if reason:
+            raise ResourceExhausted(reason)
+        snap = Snapshot(id=new_id(self.name, "snap"), name=name, pool=self.name,
+                        source_volume_id=vol.id, size=vol.size, parameters=dict(parameters))
+        # a thin snapshot: LVM suspends an active origin with its filesystem frozen
+        # (crash-consistent); the activation skip flag keeps the snapshot inactive
+        self._lvm("lvcreate", "--snapshot", "--setactivationskip", "y", "--activate", "n",
+                  "--name", self._lv(snap.id), *self._tags(snap),
+                  self._path(self._lv(vol.id)))
+        with self._mutex:
+            self._snapshots[snap.id] = snap
+        log.info("pool %s: snapshot %s (%s) of %s", self.name, snap.id, name, vol.id)
+        return snap
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        lv = self.lv_name(snapshot_id)
+        if lv is None or self.get_snapshot(snapshot_id) is None:
+            return
+        self._remove_lv(lv)
+        with self._mutex:
+            self._snapshots.pop(snapshot_id, None)
+        log.info("pool %s: deleted snapshot %s", self.name, snapshot_id)
+
+    # ---- node side ------------------------------------------------------------------
+
+    def _device_of_lv(self, lv: str) -> str | None:
+        """The block device of an active LV, found by its device-mapper name in sysfs."""
+        want = self._dm_name(lv)
+        block = os.path.join(self.system.sys_root, "block")
+        try:
+            entries = os.listdir(block)
+        except FileNotFoundError:
+            return None
+        for entry in entries:
+            if not entry.startswith("dm-"):
+                continue
+            try:
+                with open(os.path.join(block, entry, "dm", "name")) as f:
+                    if f.read().strip() != want:
+                        continue
+            except OSError:
+                continue
+            # the kernel's name: what mountinfo shows for binds of the device node
+            node = f"/dev/{entry}"
+            return node if os.path.exists(node) else f"/dev/mapper/{want}"
+        return None
+
+    def attach(self, volume_id: str) -> str:
+        vol = self.get_volume(volume_id)
+        if vol is None:
+            raise NotFound(f"volume {volume_id} does not exist in pool {self.name!r}")
+        lv = self._lv(volume_id)
+        device = self._device_of_lv(lv)
+        if device is not None:
+            return device
+        self._finish_growth(vol)
+        self._lvm("lvchange", "--activate", "y", "--ignoreactivationskip", self._path(lv))
+        device = self._device_of_lv(lv)
+        if device is None:
+            raise Internal(f"LV {self.vg}/{lv} was activated but no device-mapper device "
+                           f"{self._dm_name(lv)} appeared")
+        return device
+
+    def detach(self, volume_id: str) -> None:
+        lv = self.lv_name(volume_id)
+        if lv is None or self._device_of_lv(lv) is None:
+            return
+        try:
+            self._lvm("lvchange", "--activate", "n", self._path(lv))
+        except CommandFailed as err:
+            if "in use" in err.stderr or "open" in err.stderr:
+                raise FailedPrecondition(
+                    f"volume {volume_id} is still in use on this node; unmount it first"
+                ) from None
+            raise
+
+    def device_of(self, volume_id: str) -> str | None:
+        lv = self.lv_name(volume_id)
+        return None if lv is None else self._device_of_lv(lv)
+
+    def refresh_device(self, volume_id: str) -> int:
+        vol = self.get_volume(volume_id)
+        if vol is None:
+            raise NotFound(f"volume {volume_id} does not exist in pool {self.name!r}")
+        self._finish_growth(vol)
+        device = self.device_of(volume_id)
+        if device is not None:
+            return self.system.device_size(device)
+        found = self._find_lv(self._lv(volume_id))
+        return found.size if found is not None else vol.size
