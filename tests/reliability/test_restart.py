@@ -70,7 +70,7 @@ def test_restart_with_volumes_published(rig: Rig, how: str) -> None:
         for t in threads:
             t.join()
     assert not errors, errors
-    for name, (vid, cap, staging, target) in vols.items():
+    for name, (vid, _cap, _staging, target) in vols.items():
         assert os.path.ismount(target), f"{name} lost its mount"
         stats = c.node.NodeGetVolumeStats(csi_pb2.NodeGetVolumeStatsRequest(
             volume_id=vid, volume_path=target))
@@ -82,7 +82,7 @@ def test_restart_with_volumes_published(rig: Rig, how: str) -> None:
     stats = c.node.NodeGetVolumeStats(csi_pb2.NodeGetVolumeStatsRequest(
         volume_id=raw_vid, volume_path=raw_target))
     assert stats.volume_condition.abnormal
-    for name, (vid, _, staging, target) in vols.items():
+    for vid, _, staging, target in vols.values():
         c.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
             volume_id=vid, target_path=target))
         c.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
