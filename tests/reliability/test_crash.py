@@ -208,11 +208,17 @@ def test_kill_and_retry_converges(rig: Rig, point: str, op: Op) -> None:
 
 def test_every_crash_point_is_exercised() -> None:
     src = Path(__file__).resolve().parents[2] / "csi"
-    # the literal part of each crash point (f-string points expand to one per kind)
-    # (points of pools that need the VM tier's kernel are exercised there)
+    # literal points of the filepool and the node service (points of pools that need the
+    # VM tier's kernel are exercised there) ...
     declared = {m for path in (src / "node.py", src / "pools" / "filepool.py")
                 for m in re.findall(r'crashpoint\(f?"([^"{]*)', path.read_text())}
-    assert len(declared) >= 8
+    assert len(declared) >= 7
+    # ... and the object store's commit and removal steps, for volumes and snapshots
+    store = (src / "pools" / "store.py").read_text()
+    steps = re.findall(r'crashpoint\(f"\{self\.crash_prefix\}\.\{kind\}\.([^"]+)"', store)
+    assert sorted(steps) == ["committed", "image-in-place", "meta-written", "removed.json"]
+    declared |= {f"filepool.{kind}.{step}" for kind in ("volumes", "snapshots")
+                 for step in steps}
     tested = {p for p, _ in CASES}
     for prefix in declared:
         assert any(t.startswith(prefix) for t in tested), f"untested crash point: {prefix}"
