@@ -194,8 +194,12 @@ class System:
             return parse_mountinfo(f.read())
 
     def mount_at(self, path: str) -> MountInfo | None:
-        """The top-most mount whose mount point is exactly ``path``."""
-        real = os.path.realpath(path)
+        """The top-most mount whose mount point is exactly ``path``.
+
+        Only the parent is resolved: touching ``path`` itself could hang on a mount of a
+        dead NFS server."""
+        norm = os.path.normpath(path)
+        real = os.path.join(os.path.realpath(os.path.dirname(norm)), os.path.basename(norm))
         found = None
         for m in self.mounts():
             if m.mount_point == real:
@@ -235,6 +239,36 @@ class System:
 
     def umount(self, target: str, timeout: float = TIMEOUT_MOUNT) -> None:
         self.run(["umount", target], timeout=timeout)
+
+    def umount_network(self, target: str, timeout: float = 10.0) -> None:
+        """Unmount a network filesystem; a dead server gets a forced, then lazy, unmount
+        instead of a hang."""
+        try:
+            self.umount(target, timeout=timeout)
+        except CommandFailed as err:
+            log.warning("umount %s failed (%s); forcing a lazy unmount", target, err)
+            self.run(["umount", "-f", "-l", target], timeout=timeout)
+
+    def path_alive(self, path: str, timeout: float = 5.0) -> bool:
+        """Does ``path`` answer (statfs) within ``timeout``? False for a stale NFS handle
+        or a server that does not respond; asked from a child that is killed on expiry,
+        so a hung server never blocks the caller."""
+        try:
+            self.run(["stat", "-f", "--", path], timeout=timeout)
+        except CommandFailed:
+            return False
+        return True
+
+    def statfs(self, path: str, timeout: float = 5.0) -> os.statvfs_result | None:
+        """statvfs() of ``path`` from a child with a timeout (None: no answer)."""
+        try:
+            out = self.run(["stat", "-f", "--format", "%b %f %a %S %c %d", "--", path],
+                           timeout=timeout).stdout.split()
+        except CommandFailed:
+            return None
+        blocks, bfree, bavail, bsize, files, ffree = (int(x) for x in out)
+        return os.statvfs_result((bsize, bsize, blocks, bfree, bavail, files, ffree, ffree,
+                                  0, 255, 0))
 
     # ---- loop devices ---------------------------------------------------------------
 

@@ -32,7 +32,7 @@ def run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 @contextlib.contextmanager
 def loop_filesystem(workdir: Path, fstype: str, size: int = 4 * GiB,
-                    name: str = "fs") -> Iterator[Path]:
+                    name: str = "fs", options: str = "") -> Iterator[Path]:
     """A sparse image formatted ``fstype``, loop-mounted at ``workdir/name``."""
     image = workdir / f"{name}.img"
     mnt = workdir / name
@@ -47,7 +47,7 @@ def loop_filesystem(workdir: Path, fstype: str, size: int = 4 * GiB,
     run(*mkfs, str(image))
     dev = run("losetup", "--find", "--show", str(image)).stdout.strip()
     try:
-        run("mount", dev, str(mnt))
+        run("mount", *(["-o", options] if options else []), dev, str(mnt))
         try:
             yield mnt
         finally:

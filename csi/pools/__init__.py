@@ -8,6 +8,7 @@ from csi.errors import InvalidArgument
 from csi.pools.base import Pool, parse_id
 from csi.pools.filepool import FilePool
 from csi.pools.lvmthin import LvmThinPool
+from csi.pools.nfs import NfsPool
 from csi.system import System
 
 PoolFactory = Callable[[str, dict[str, object], System], Pool]
@@ -15,6 +16,7 @@ PoolFactory = Callable[[str, dict[str, object], System], Pool]
 POOL_TYPES: dict[str, PoolFactory] = {
     "filepool": FilePool,
     "lvmthin": LvmThinPool,
+    "nfs": NfsPool,
 }
 
 

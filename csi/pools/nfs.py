@@ -16,8 +16,10 @@ which an NFSv4.2 client sends as one CLONE operation per file, so on a reflink e
 (XFS reflink=1, btrfs) they cost O(extents); when the server cannot clone, the file is
 copied instead, and the log and the ``flotilla_nfs_*_files`` gauges say which happened.
 
-Capacity: the requested size is recorded, reported and grown by ControllerExpandVolume;
-NFS itself enforces nothing per directory (see the README for what is enforced).
+Capacity: the requested size is recorded, reported and grown by ControllerExpandVolume.
+NFS itself enforces nothing per directory; with ``quota_path`` (this host sees the share
+on its own XFS mounted with prjquota, e.g. the controller runs on the NFS server) each
+volume directory gets an XFS project quota of its size, raised on expansion.
 """
 
 from __future__ import annotations
@@ -102,6 +104,10 @@ class NfsPool(Pool):
         self.dir_mode = int(opts.text("dir_mode", "0777"), 8)
         self.mount_dir = os.path.abspath(opts.text("mount_dir", f"/run/flotilla/nfs/{name}"))
         self.mount_timeout = opts.number("mount_timeout", TIMEOUT_MOUNT, 1.0, 600.0)
+        # where this host sees the share's directory on its own XFS (mounted with prjquota),
+        # e.g. when the controller runs on the NFS server: enables per-volume quotas
+        quota_path = opts.optional_text("quota_path")
+        self.quota_path = os.path.abspath(quota_path) if quota_path else None
         opts.finish()
         self.granularity = 1 << 20
         self.store = ObjectStore(name, system, {
@@ -112,6 +118,7 @@ class NfsPool(Pool):
         self.counts = {"clone": 0, "copy": 0}
         self._counts_lock = threading.Lock()
         self._mounted_here = False
+        self._quota_fs = ""
 
     @property
     def export(self) -> str:
@@ -141,11 +148,22 @@ class NfsPool(Pool):
                               f"{current.source} mounted, not {self.export}")
         else:
             self._mounted_here = True  # our own mount, left by a previous run: adopt it
+        try:
+            self._prepare()
+        except BaseException:
+            self.stop()  # leave no mount behind a failed start
+            raise
+
+    def _prepare(self) -> None:
         self.store.make_dirs()
         for d in ("retained", "archived"):
             os.makedirs(os.path.join(self.mount_dir, d), exist_ok=True)
         os.chmod(self.store.dirs["snapshots"], 0o700)
         self.store.load()
+        if self.quota_path is not None:
+            self._quota_fs = self._quota_filesystem()
+            for vol in self.list_volumes():  # converge quotas a crash may have skipped
+                self._set_quota(vol)
 
     def stop(self) -> None:
         if self._mounted_here:
@@ -187,6 +205,38 @@ class NfsPool(Pool):
                                    self.overprovision_ratio, self.max_used_percent)
         if reason:
             raise ResourceExhausted(reason)
+
+    # ---- quotas ---------------------------------------------------------------------
+
+    def _quota_filesystem(self) -> str:
+        """The mount point of the XFS holding ``quota_path``; it must enforce prjquota."""
+        assert self.quota_path is not None
+        marker = os.path.join(self.quota_path, ".flotilla-quota-probe")
+        open(marker, "w").close()
+        try:
+            if not os.path.exists(os.path.join(self.mount_dir, ".flotilla-quota-probe")):
+                raise Unavailable(f"pool {self.name!r}: quota_path {self.quota_path} is not "
+                                  f"the directory exported as {self.export}")
+        finally:
+            os.unlink(marker)
+        target = self.system.run(["findmnt", "-n", "-o", "TARGET,FSTYPE,OPTIONS", "-T",
+                                  self.quota_path]).stdout.split()
+        if len(target) < 3 or target[1] != "xfs" or not any(
+                o in target[2].split(",") for o in ("prjquota", "pquota")):
+            raise Unavailable(f"pool {self.name!r}: quota_path {self.quota_path} must be on "
+                              "XFS mounted with -o prjquota to enforce volume sizes")
+        return target[0]
+
+    def _set_quota(self, vol: Volume) -> None:
+        """An XFS project quota of the volume's size on its directory (idempotent)."""
+        if self.quota_path is None:
+            return
+        uid = self.store.uid(vol.id, "vol")
+        assert uid is not None
+        project = int(uid[:8], 16) % 0x7FFFFFFE + 1
+        directory = os.path.join(self.quota_path, "volumes", uid)
+        self.system.run(["xfs_quota", "-x", "-c", f"project -s -p {directory} {project}",
+                         "-c", f"limit -p bhard={vol.size} {project}", self._quota_fs])
 
     # ---- copying trees --------------------------------------------------------------
 
@@ -273,6 +323,7 @@ class NfsPool(Pool):
         existing = self.find_volume(req.name)
         if existing is not None:
             check_compatible(existing, req)
+            self._set_quota(existing)  # a crash may have come between commit and quota
             return existing
         source_dir = self._source_dir(req)
         self._refuse_if_over(req.size)
@@ -291,6 +342,7 @@ class NfsPool(Pool):
             os.chmod(tmp, self.dir_mode)
 
         self.store.build(volume, make)
+        self._set_quota(volume)
         log.info("pool %s: created volume %s (%s) %d bytes", self.name, volume.id,
                  volume.name, volume.size)
         return volume
@@ -335,7 +387,9 @@ class NfsPool(Pool):
         if size <= vol.size:
             return vol
         self._refuse_if_over(size - vol.size)
-        return self.store.update(vol, size=size)
+        grown = self.store.update(vol, size=size)
+        self._set_quota(grown)
+        return grown
 
     def volume_condition(self, volume_id: str) -> Condition:
         if self.get_volume(volume_id) is None:

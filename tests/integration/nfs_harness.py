@@ -56,9 +56,10 @@ class BindAsNfsSystem(System):
 
 
 class NfsHarness(PoolHarness):
-    def __init__(self, workdir: Path, local: bool) -> None:
+    def __init__(self, workdir: Path, local: bool, mount_options: str = "") -> None:
         super().__init__(workdir)
         self.local = local
+        self.mount_options = mount_options
         self.name = "nfs-local" if local else "nfs"
         self.export_dir: Path | None = None
         self.share = SHARE
@@ -67,7 +68,8 @@ class NfsHarness(PoolHarness):
     @contextlib.contextmanager
     def _setup(self) -> Iterator[None]:
         if self.local:
-            with loop_filesystem(self.workdir, "xfs", name="export") as mnt:
+            with loop_filesystem(self.workdir, "xfs", name="export",
+                                 options=self.mount_options) as mnt:
                 self.export_dir = mnt
                 self.system = BindAsNfsSystem(mnt, self.server)
                 try:

@@ -15,7 +15,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from csi.pools import build_pool
@@ -79,6 +79,10 @@ class PoolHarness(abc.ABC):
                 self.detach_all(pool)
             pool.stop()
 
+    def child_env(self) -> dict[str, str]:
+        """Environment a child process needs to build the same pool (kill tests)."""
+        return {}
+
     @abc.abstractmethod
     def leftovers(self) -> list[str]:
         """Temporary or orphaned artefacts of half-finished operations."""
@@ -115,7 +119,8 @@ class FilePoolHarness(PoolHarness):
         for kind in ("volumes", "snapshots"):
             names = {p.name for p in (pool / kind).iterdir()}
             found += [f"{kind}/{n}" for n in names
-                      if n.endswith(".img") and n[:-4] + ".json" not in names]
+                      if (n.endswith(".img") and n[:-4] + ".json" not in names)
+                      or ".tmp-" in n]
         return found
 
 
@@ -251,3 +256,16 @@ def enabled_harnesses() -> list[str]:
     return ["filepool-xfs", "filepool-btrfs", "nfs-local",
             *(["lvmthin"] if device_mapper_available() else []),
             *(["nfs"] if os.environ.get("FLOTILLA_NFS_SERVER") else [])]
+
+
+def _nfs(local: bool) -> Callable[[Path], PoolHarness]:
+    def make(workdir: Path) -> PoolHarness:
+        from tests.integration.nfs_harness import NfsHarness  # it builds on this module
+
+        return NfsHarness(workdir, local=local)
+
+    return make
+
+
+HARNESSES["nfs-local"] = _nfs(local=True)
+HARNESSES["nfs"] = _nfs(local=False)
