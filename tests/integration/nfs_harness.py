@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import posixpath
 import shutil
 import uuid
 from collections.abc import Iterator, Sequence
@@ -82,7 +83,7 @@ class NfsHarness(PoolHarness):
         base_dir = Path(os.environ["FLOTILLA_NFS_EXPORT_DIR"])
         sub = f"t{uuid.uuid4().hex[:8]}"  # a fresh directory of the export per test
         (base_dir / sub).mkdir()
-        self.export_dir, self.share = base_dir / sub, f"{base_share}/{sub}"
+        self.export_dir, self.share = base_dir / sub, posixpath.join(base_share, sub)
         try:
             yield
         finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import posixpath
 import re
 import shutil
 import subprocess
@@ -55,12 +56,30 @@ def lvmthin_on(workdir: Path) -> Iterator[list[dict[str, object]]]:
                 "overprovision_ratio": 100.0}]
 
 
+@contextlib.contextmanager
+def nfs_on(workdir: Path) -> Iterator[list[dict[str, object]]]:
+    """A fresh directory of the NFS export named by FLOTILLA_NFS_SERVER / _SHARE /
+    _EXPORT_DIR (the VM tier runs kernel nfsd)."""
+    sub = f"sanity-{uuid.uuid4().hex[:8]}"
+    export_dir = Path(os.environ["FLOTILLA_NFS_EXPORT_DIR"]) / sub
+    export_dir.mkdir()
+    try:
+        yield [{"name": "sanity", "type": "nfs", "server": os.environ["FLOTILLA_NFS_SERVER"],
+                "share": posixpath.join(os.environ["FLOTILLA_NFS_SHARE"], sub),
+                "mount_dir": str(workdir / "nfs-export"), "mount_timeout": 30}]
+    finally:
+        shutil.rmtree(export_dir, ignore_errors=True)
+
+
 PoolSetup = Callable[[Path], contextlib.AbstractContextManager[list[dict[str, object]]]]
 SANITY_POOLS: dict[str, PoolSetup] = {
     "filepool-xfs": lambda w: filepool_on("xfs", w),
     "filepool-btrfs": lambda w: filepool_on("btrfs", w),
     "lvmthin": lvmthin_on,
+    "nfs": nfs_on,
 }
+#: access types each pool serves (nfs is filesystem-only by design)
+ACCESS_TYPES = {"nfs": ("mount",)}
 
 
 def sanity_pools() -> list[str]:
@@ -92,8 +111,9 @@ def run_csi_sanity(endpoint: str, workdir: Path, access_type: str,
     return out, counts
 
 
-@pytest.mark.parametrize("access_type", ["mount", "block"])
-@pytest.mark.parametrize("pool_kind", sanity_pools())
+@pytest.mark.parametrize(("pool_kind", "access_type"), [
+    (pool, access) for pool in sanity_pools()
+    for access in ACCESS_TYPES.get(pool, ("mount", "block"))])
 def test_csi_sanity(pool_kind: str, access_type: str, workdir: Path,
                     driver_factory: Callable[..., DriverProcess]) -> None:
     require_root()
