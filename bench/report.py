@@ -137,7 +137,8 @@ def markdown(result: dict[str, Any], image: str) -> str:
         f"{', '.join(str(x) for x in result['loadavg_start'])}, at end "
         f"{', '.join(str(x) for x in result.get('loadavg_end', []))}. "
         f"Wall time {fmt(result.get('wall_s'), ' s')} for the measurements"
-        + (f", {fmt(result['make_bench_wall_s'], ' s')} for the whole `make bench`"
+        + (f", {fmt(result['make_bench_wall_s'], ' s')} for `bench/run.sh` (make bench "
+           "after its setup step)"
            if result.get("make_bench_wall_s") else "") + ".",
         "",
     ]
