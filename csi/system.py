@@ -16,9 +16,9 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from csi.errors import CommandFailed, CommandTimeout, FailedPrecondition, InvalidArgument
 
@@ -35,6 +35,8 @@ TIMEOUT_MKFS = 300.0
 TIMEOUT_FSCK = 600.0
 #: how long a killed command may take to go away before it is abandoned
 KILL_GRACE = 5.0
+#: how long a detach may stay pending (device held open elsewhere) before we move on
+LOOP_DETACH_WAIT = 10.0
 TIMEOUT_LVM = 120.0
 
 #: ``--config`` for every lvm command: no udev synchronisation or udev-made device nodes
@@ -272,36 +274,50 @@ class System:
 
     # ---- loop devices ---------------------------------------------------------------
 
-    def loop_devices_for(self, image: str) -> list[str]:
-        """Loop devices whose backing file is ``image`` (by sysfs, no command)."""
-        real = os.path.realpath(image)
-        found = []
-        block = Path(self.sys_root, "block")
+    def _sys_read(self, *parts: str) -> str | None:
         try:
-            entries = sorted(block.iterdir())
-        except FileNotFoundError:
-            return []
-        for entry in entries:
-            if not entry.name.startswith("loop"):
-                continue
-            try:
-                backing = (entry / "loop" / "backing_file").read_text().strip()
-            except OSError:
-                continue
-            if backing.removesuffix(" (deleted)") == real:
-                found.append("/dev/" + entry.name)
-        return found
-
-    def loop_backing_file(self, device: str) -> str | None:
-        name = os.path.basename(device)
-        try:
-            return Path(self.sys_root, "block", name, "loop", "backing_file").read_text().strip()
+            fd = os.open(os.path.join(self.sys_root, *parts), os.O_RDONLY)
         except OSError:
             return None
+        try:
+            return os.read(fd, 4096).decode(errors="replace").strip()
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+
+    def loop_devices_for(self, image: str, include_detaching: bool = True) -> list[str]:
+        """Loop devices whose backing file is ``image`` (one sysfs read per device).
+
+        ``include_detaching=False`` leaves out devices whose detach is pending (autoclear
+        set by a ``losetup -d`` while something still held them open)."""
+        real = os.path.realpath(image)
+        found = []
+        try:
+            names = sorted(e.name for e in os.scandir(os.path.join(self.sys_root, "block"))
+                           if e.name.startswith("loop"))
+        except FileNotFoundError:
+            return []
+        for name in names:
+            backing = self._sys_read("block", name, "loop", "backing_file")
+            if backing is None or backing.removesuffix(" (deleted)") != real:
+                continue
+            if not include_detaching and self.loop_detaching("/dev/" + name):
+                continue
+            found.append("/dev/" + name)
+        return found
+
+    def loop_detaching(self, device: str) -> bool:
+        """Is a detach of ``device`` pending? (We never set autoclear otherwise.)"""
+        return self._sys_read("block", os.path.basename(device), "loop", "autoclear") == "1"
+
+    def loop_backing_file(self, device: str) -> str | None:
+        return self._sys_read("block", os.path.basename(device), "loop", "backing_file")
 
     def loop_attach(self, image: str) -> str:
-        """Attach ``image`` to a free loop device, or return the one already attached."""
-        existing = self.loop_devices_for(image)
+        """Attach ``image`` to a free loop device, or return the one already attached
+        (never one whose detach is pending)."""
+        existing = self.loop_devices_for(image, include_detaching=False)
         if existing:
             return existing[0]
         out = self.run(["losetup", "--find", "--show", image]).stdout.strip()
@@ -309,13 +325,28 @@ class System:
             raise CommandFailed(["losetup"], 0, f"unexpected output {out!r}")
         return out
 
-    def loop_detach(self, device: str) -> None:
+    def loop_detach(self, device: str, wait: float = LOOP_DETACH_WAIT) -> bool:
+        """Detach ``device`` and wait until the kernel has let it go.
+
+        While another process holds the device open (a concurrent ``losetup --find``
+        scanning devices, a ``blkid``), the kernel only marks it for detach on last
+        close: wait for that, so a following DeleteVolume finds the image free. Returns
+        False when the detach is still pending after ``wait`` seconds."""
+        backing = self.loop_backing_file(device)
         try:
             self.run(["losetup", "--detach", device])
         except CommandFailed as err:
             if "No such device" in err.stderr or not os.path.exists(device):
-                return
+                return True
             raise
+        deadline = time.monotonic() + wait
+        while backing is not None and self.loop_backing_file(device) == backing:
+            if time.monotonic() > deadline:
+                log.warning("detach of %s (%s) is still pending after %.0fs", device,
+                            backing, wait)
+                return False
+            time.sleep(0.02)
+        return True
 
     def loop_refresh(self, device: str) -> None:
         """Make the loop device pick up a new size of its backing file."""

@@ -23,6 +23,7 @@ import os
 from collections.abc import Iterator
 
 from csi.errors import (
+    Aborted,
     AlreadyExists,
     FailedPrecondition,
     NotFound,
@@ -273,12 +274,16 @@ class FilePool(Pool):
         if self.get_volume(volume_id) is None:
             self.store.remove("volumes", volume_id)  # finish a half-done delete
             return
-        attached = self.system.loop_devices_for(self.image_path(volume_id))
+        image = self.image_path(volume_id)
+        attached = self.system.loop_devices_for(image, include_detaching=False)
         if attached:
             raise FailedPrecondition(
                 f"volume {volume_id} is still attached as {', '.join(attached)} on this "
                 "node; unpublish and unstage it first"
             )
+        if self.system.loop_devices_for(image):
+            raise Aborted(f"volume {volume_id}: the detach of its loop device is still "
+                          "pending (the device is held open elsewhere); retry shortly")
         self.store.remove("volumes", volume_id)
         log.info("pool %s: deleted volume %s", self.name, volume_id)
 

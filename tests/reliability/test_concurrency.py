@@ -193,3 +193,41 @@ def test_mixed_storm_keeps_every_invariant(rig: Rig) -> None:
     assert c.controller.GetCapacity(csi_pb2.GetCapacityRequest()).available_capacity > 0
     assert mounts_under(str(rig.root)) == []
     assert loops_backed_by(str(rig.pool)) == []
+
+
+def test_parallel_lifecycles_never_refuse_the_final_delete(rig: Rig) -> None:
+    """8 pods' worth of create -> stage -> publish -> unpublish -> unstage -> delete at once:
+    NodeUnstageVolume returns only once its loop device is gone, so DeleteVolume never
+    finds the volume still attached (concurrent losetup scans hold devices open)."""
+    c = rig.driver.start()
+
+    def lifecycle(i: int) -> list[str]:
+        refused = []
+        for round_ in range(4):
+            name = f"life-{i}-{round_}"
+            vid = c.controller.CreateVolume(csi_pb2.CreateVolumeRequest(
+                name=name, volume_capabilities=[CAP],
+                capacity_range=csi_pb2.CapacityRange(required_bytes=SIZE))).volume.volume_id
+            staging = rig.root / "staging" / name
+            staging.mkdir(parents=True)
+            target = rig.root / "pods" / name
+            c.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
+                volume_id=vid, staging_target_path=str(staging), volume_capability=CAP))
+            c.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
+                volume_id=vid, staging_target_path=str(staging), target_path=str(target),
+                volume_capability=CAP))
+            c.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
+                volume_id=vid, target_path=str(target)))
+            c.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
+                volume_id=vid, staging_target_path=str(staging)))
+            try:
+                c.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vid))
+            except grpc.RpcError as err:
+                refused.append(f"{name}: {err.code().name} {err.details()}")
+        return refused
+
+    with ThreadPoolExecutor(8) as ex:
+        refused = [r for rs in ex.map(lifecycle, range(8)) for r in rs]
+    assert refused == []
+    assert rig.metas() == [] and rig.leftovers() == []
+    assert loops_backed_by(str(rig.pool)) == []
