@@ -8,6 +8,7 @@ Options::
     max_data_percent      refuse when the pool's data space is this full (Data%)
     max_metadata_percent  refuse when the pool's metadata space is this full (Meta%)
     default_volume_size   size of a volume whose request leaves it open
+    discard               mount filesystems with -o discard (freed blocks go back)
 
 Objects are LVs in the VG, bound to the thin pool::
 
@@ -39,7 +40,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -174,6 +174,8 @@ class LvmThinPool(Pool):
         self.max_data_percent = opts.number("max_data_percent", 90.0, 1.0, 100.0)
         self.max_metadata_percent = opts.number("max_metadata_percent", 80.0, 1.0, 100.0)
         self.default_size = opts.size("default_volume_size", 1 << 30) or (1 << 30)
+        # online discard unmaps freed blocks of the thin LV: deleted data goes back
+        self.mount_options = ("discard",) if opts.flag("discard", True) else ()
         opts.finish()
         for key, value in (("volume_group", self.vg), ("thin_pool", self.thin_pool)):
             if not LVM_NAME_RE.match(value):
@@ -187,6 +189,7 @@ class LvmThinPool(Pool):
         self._snapshots: dict[str, Snapshot] = {}
         self._reserved = 0
         self._lock_fd: int | None = None
+        self.lock_dir = LOCK_DIR
         self._report_cache: tuple[float, list[LV]] | None = None
         self._status_cache: tuple[float, PoolStatus] | None = None
         #: volumes whose LV may be smaller than their size tag (an interrupted growth)
@@ -283,11 +286,12 @@ class LvmThinPool(Pool):
     # ---- lifecycle ------------------------------------------------------------------
 
     def start(self) -> None:
-        if shutil.which("lvm") is None:
-            raise Unavailable(f"pool {self.name!r}: the lvm command is not installed "
-                              "(Debian/Ubuntu package lvm2, plus thin-provisioning-tools)")
         try:
             vgs = self.system.lvm_report("vgs", ["vg_name", "vg_extent_size"], [self.vg])
+        except FileNotFoundError:
+            raise Unavailable(f"pool {self.name!r}: the lvm command is not installed "
+                              "(Debian/Ubuntu package lvm2, plus thin-provisioning-tools)"
+                              ) from None
         except CommandFailed as err:
             raise Unavailable(f"pool {self.name!r}: volume group {self.vg!r} is not usable "
                               f"({err}); create it as docs/lvmthin.md describes") from None
@@ -316,8 +320,9 @@ class LvmThinPool(Pool):
 
     def _take_lock(self) -> None:
         """One flotilla process per thin pool: its in-memory index must be the only one."""
-        os.makedirs(LOCK_DIR, exist_ok=True)
-        path = os.path.join(LOCK_DIR, f"flotilla-lvmthin-{self.vg}-{self.thin_pool}.lock")
+        os.makedirs(self.lock_dir, exist_ok=True)
+        path = os.path.join(self.lock_dir,
+                            f"flotilla-lvmthin-{self.vg}-{self.thin_pool}.lock")
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
