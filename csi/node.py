@@ -52,10 +52,25 @@ GROW_SLACK = 1 << 20
 
 
 def _same_device(m: MountInfo, device: str) -> bool:
-    """Is ``m`` a mount of ``device`` (a filesystem on it, or a bind of its node)?"""
+    """Is ``m`` a mount of ``device`` (a filesystem on it, or a bind of its node)?
+
+    Names differ for device-mapper devices: mount(8) turns ``/dev/dm-3`` into
+    ``/dev/mapper/<name>`` (as a filesystem's source and as the node it binds), so
+    device numbers decide."""
     if m.source == device:
         return True
-    return m.fstype == "devtmpfs" and m.root == "/" + os.path.basename(device)
+    if m.fstype == "devtmpfs" and m.root == "/" + os.path.basename(device):
+        return True
+    try:
+        st = os.stat(device)
+        if not stat.S_ISBLK(st.st_mode):
+            return False
+        if m.fstype == "devtmpfs":  # a bind of a device node: the target is that node
+            bound = os.stat(m.mount_point)
+            return stat.S_ISBLK(bound.st_mode) and bound.st_rdev == st.st_rdev
+    except OSError:
+        return False
+    return m.major_minor == f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
 
 
 class NodeService(csi_pb2_grpc.NodeServicer):

@@ -54,5 +54,6 @@ if ((want_test)); then
         go install "github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@${CSI_SANITY_VERSION}"
     fi
     scripts/e2e-tools.sh >/dev/null  # kine, kube-apiserver & co., CSI sidecars, helm (tests/e2e)
+    scripts/vm-setup.sh  # qemu, busybox, lvm2, a cached Debian kernel (tests/vm)
 fi
 log "ready"

@@ -258,6 +258,15 @@ def _cpio_newc(entries: Sequence[tuple[str, int, bytes, tuple[int, int]]]) -> by
     return bytes(out)
 
 
+def _has_interpreter(elf: bytes) -> bool:
+    """Does this ELF64 executable name a dynamic loader (PT_INTERP)?"""
+    phoff = int.from_bytes(elf[0x20:0x28], "little")
+    entsize = int.from_bytes(elf[0x36:0x38], "little")
+    count = int.from_bytes(elf[0x38:0x3A], "little")
+    return any(int.from_bytes(elf[phoff + i * entsize:phoff + i * entsize + 4], "little") == 3
+               for i in range(count))
+
+
 def initramfs(k: Kernel, modules: Iterable[str] = ()) -> Path:
     """A cached initramfs with busybox, ``INIT`` and the modules (plus dependencies)."""
     if not BUSYBOX.exists():
@@ -267,6 +276,9 @@ def initramfs(k: Kernel, modules: Iterable[str] = ()) -> Path:
     levels = index.levels([*BASE_MODULES, *modules])
     init = INIT.replace("@MARKER@", MARKER)
     busybox = BUSYBOX.read_bytes()
+    if _has_interpreter(busybox):
+        raise VMUnavailable(f"{BUSYBOX} is dynamically linked; the initramfs needs the "
+                            f"static one (Debian package busybox-static): {SETUP_HINT}")
     key = hashlib.sha256(repr((k.version, levels, init)).encode() + busybox).hexdigest()[:16]
     out = CACHE / "initramfs" / f"{k.version}-{key}.cpio"
     if out.exists():
