@@ -189,7 +189,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                                   f"it cannot seed a volume in pool {pool.name!r}")
         check_pool_serves(pool, caps)
         fs_type = ""
-        if caps.mount:
+        if caps.mount and not pool.network:  # a network pool's volumes need no mkfs
             wanted = params.get("fsType", "")
             if wanted and wanted not in MIN_FS_BYTES:
                 raise InvalidArgument(f"parameter fsType={wanted!r} is not supported; use "

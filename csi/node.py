@@ -288,8 +288,13 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         if not path:
             raise InvalidArgument("volume_path is required")
         pool = self._pool(volume_id)
-        if not os.path.isabs(path) or not os.path.exists(path) or ".." in path.split("/"):
-            raise NotFound(f"volume {volume_id} is not available at {path!r}")
+        missing = NotFound(f"volume {volume_id} is not available at {path!r}")
+        if not os.path.isabs(path) or ".." in path.split("/"):
+            raise missing
+        # a mount point counts as there without touching it: a stale or hung NFS mount
+        # must come back as an abnormal condition, not as NOT_FOUND or a hang
+        if self.system.mount_at(path) is None and not os.path.exists(path):
+            raise missing
         check_path(path, self.roots, "volume_path")
         return pool, os.path.normpath(path)
 
@@ -329,11 +334,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                        path: str) -> csi_pb2.NodeGetVolumeStatsResponse:
         """Stats of a network mount, asked from a child with a timeout: a dead server
         makes an abnormal condition, never a hung call."""
-        cond = pool.volume_condition(volume_id)
         st = self.system.statfs(path)
         if st is None:
             return csi_pb2.NodeGetVolumeStatsResponse(volume_condition=csi_pb2.VolumeCondition(
                 abnormal=True, message=f"{path} does not answer: stale handle or server down"))
+        cond = pool.volume_condition(volume_id)
         Unit = csi_pb2.VolumeUsage.Unit
         return csi_pb2.NodeGetVolumeStatsResponse(
             usage=[

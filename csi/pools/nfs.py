@@ -177,10 +177,19 @@ class NfsPool(Pool):
             raise Unavailable(f"pool {self.name!r}: {self.export} does not answer "
                               "(stale handle or server down)")
 
+    def _require_alive(self) -> None:
+        """Fail fast instead of blocking a worker on a dead server's hard mount."""
+        if not self.system.path_alive(self.mount_dir):
+            raise Unavailable(f"pool {self.name!r}: {self.export} does not answer (stale "
+                              "handle or server down); retry when it is back")
+
     # ---- capacity -------------------------------------------------------------------
 
     def _usage(self) -> tuple[int, int]:
-        st = os.statvfs(self.mount_dir)
+        st = self.system.statfs(self.mount_dir)  # a child with a timeout: never hangs
+        if st is None:
+            raise Unavailable(f"pool {self.name!r}: {self.export} does not answer (stale "
+                              "handle or server down); retry when it is back")
         return st.f_blocks * st.f_frsize, (st.f_blocks - st.f_bfree) * st.f_frsize
 
     def capacity(self) -> Capacity:
@@ -320,6 +329,7 @@ class NfsPool(Pool):
     def create_volume(self, req: VolumeRequest) -> Volume:
         if req.block:
             raise InvalidArgument(f"pool {self.name!r} (nfs) serves filesystem volumes only")
+        self._require_alive()
         existing = self.find_volume(req.name)
         if existing is not None:
             check_compatible(existing, req)
@@ -328,7 +338,7 @@ class NfsPool(Pool):
         source_dir = self._source_dir(req)
         self._refuse_if_over(req.size)
         volume = Volume(id=new_id(self.name, "vol"), name=req.name, pool=self.name,
-                        size=req.size, fs_type="nfs", source=req.source,
+                        size=req.size, fs_type="", source=req.source,
                         parameters=dict(req.parameters))
 
         def make(tmp: str) -> None:
@@ -366,6 +376,9 @@ class NfsPool(Pool):
         return path
 
     def delete_volume(self, volume_id: str) -> None:
+        if self.store.uid(volume_id, "vol") is None:
+            return
+        self._require_alive()
         self.store.remove("volumes", volume_id, self._dispose)
 
     def _dispose(self, payload: str) -> None:
@@ -386,6 +399,7 @@ class NfsPool(Pool):
             raise NotFound(f"volume {volume_id} does not exist")
         if size <= vol.size:
             return vol
+        self._require_alive()
         self._refuse_if_over(size - vol.size)
         grown = self.store.update(vol, size=size)
         self._set_quota(grown)
@@ -394,6 +408,9 @@ class NfsPool(Pool):
     def volume_condition(self, volume_id: str) -> Condition:
         if self.get_volume(volume_id) is None:
             return Condition(True, "volume metadata is missing")
+        if not self.system.path_alive(self.mount_dir):
+            return Condition(True, f"{self.export} does not answer (stale handle or server "
+                                   "down)")
         if not os.path.isdir(self.volume_dir(volume_id)):
             return Condition(True, "volume directory is missing on the export")
         return Condition(False, "volume is healthy")
@@ -411,6 +428,7 @@ class NfsPool(Pool):
 
     def create_snapshot(self, name: str, source_volume_id: str,
                         parameters: dict[str, str]) -> Snapshot:
+        self._require_alive()
         existing = self.find_snapshot(name)
         if existing is not None:
             if existing.source_volume_id != source_volume_id:
@@ -440,6 +458,9 @@ class NfsPool(Pool):
         return snap
 
     def delete_snapshot(self, snapshot_id: str) -> None:
+        if self.store.uid(snapshot_id, "snap") is None:
+            return
+        self._require_alive()
         self.store.remove("snapshots", snapshot_id, _remove_readonly_tree)
 
     # ---- node side: a network mount, no block device -------------------------------
