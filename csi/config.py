@@ -31,6 +31,7 @@ class Config:
     pools: list[dict[str, Any]]
     allowed_roots: list[str] = field(default_factory=lambda: list(DEFAULT_ALLOWED_ROOTS))
     max_volumes_per_node: int = 256
+    backup_targets: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def default_pool(self) -> str:
@@ -44,7 +45,8 @@ def parse_config(text: str, origin: str = "config") -> Config:
         raise InvalidArgument(f"{origin}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise InvalidArgument(f"{origin}: expected a mapping with a 'pools' list")
-    unknown = sorted(set(data) - {"pools", "allowed_roots", "max_volumes_per_node"})
+    unknown = sorted(set(data) - {"pools", "allowed_roots", "max_volumes_per_node",
+                                 "backup_targets"})
     if unknown:
         raise InvalidArgument(f"{origin}: unknown key(s) {', '.join(unknown)}")
     pools = data.get("pools")
@@ -65,8 +67,14 @@ def parse_config(text: str, origin: str = "config") -> Config:
     max_vols = data.get("max_volumes_per_node", 256)
     if isinstance(max_vols, bool) or not isinstance(max_vols, int) or max_vols < 0:
         raise InvalidArgument(f"{origin}: 'max_volumes_per_node' must be an integer >= 0")
+    targets = data.get("backup_targets") or []
+    if not isinstance(targets, list) or not all(isinstance(t, dict) for t in targets):
+        raise InvalidArgument(f"{origin}: 'backup_targets' must be a list of mappings")
+    from csi.backup.manager import build_targets
+
+    build_targets(targets)  # options checked at start-up; nothing is contacted
     return Config(pools=pools, allowed_roots=[os.path.normpath(r) for r in roots],
-                  max_volumes_per_node=max_vols)
+                  max_volumes_per_node=max_vols, backup_targets=targets)
 
 
 def load_config(path: str | None, state_dir: str = DEFAULT_STATE_DIR) -> Config:

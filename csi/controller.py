@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from dataclasses import replace
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -40,7 +41,11 @@ CAPABILITIES = (
     # v5.4.0 fails on controller capabilities it does not know.
 )
 VOLUME_PARAMETERS = ("pool", "fsType")
-SNAPSHOT_PARAMETERS: tuple[str, ...] = ()
+#: backupTarget: back the snapshot up to this configured target (docs/backups.md)
+SNAPSHOT_PARAMETERS: tuple[str, ...] = ("backupTarget",)
+
+if TYPE_CHECKING:
+    from csi.backup.manager import BackupManager
 
 T = TypeVar("T")
 
@@ -88,10 +93,12 @@ def timestamp(seconds: float) -> Timestamp:
 
 
 class ControllerService(csi_pb2_grpc.ControllerServicer):
-    def __init__(self, pools: PoolSet, node_id: str, locks: KeyedTryLock) -> None:
+    def __init__(self, pools: PoolSet, node_id: str, locks: KeyedTryLock,
+                 backups: BackupManager | None = None) -> None:
         self.pools = pools
         self.node_id = node_id
         self.locks = locks
+        self.backups = backups
 
     # ---- helpers --------------------------------------------------------------------
 
@@ -150,7 +157,12 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             pool = self.pools.owner(sid)
             snap = pool.get_snapshot(sid) if pool else None
             if pool is None or snap is None:
-                raise NotFound(f"source snapshot {sid} does not exist")
+                # a snapshot of another node (or a lost one) known through its backup:
+                # restored into whichever pool the request names
+                backup = self.backups.source_of(sid) if self.backups else None
+                if backup is None:
+                    raise NotFound(f"source snapshot {sid} does not exist")
+                return backup[0], backup[1], None
             return Source("snapshot", sid), snap.size, pool
         if kind == "volume":
             vid = cs.volume.volume_id
@@ -213,7 +225,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 if found is not None and other is not pool:
                     raise AlreadyExists(f"volume {request.name!r} exists in pool "
                                         f"{other.name!r}, not {pool.name!r}")
-            vol = pool.create_volume(vreq)
+            if self.backups is not None and not getattr(pool, "remote", False):
+                vol = self.backups.create_volume(pool, vreq)
+            else:
+                vol = pool.create_volume(vreq)
         return csi_pb2.CreateVolumeResponse(volume=self._volume_msg(vol))
 
     def DeleteVolume(self, request: csi_pb2.DeleteVolumeRequest,
@@ -332,21 +347,52 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                         f"snapshot {request.name!r} exists for volume "
                         f"{found.source_volume_id}, not {request.source_volume_id}")
             pool, _ = self._volume(request.source_volume_id)
+            if "backupTarget" in params:
+                if self.backups is None:
+                    raise InvalidArgument("parameter backupTarget: no backup_targets are "
+                                          "configured (see docs/backups.md)")
+                self.backups.check_snapshot_parameters(pool, params)
             snap = pool.create_snapshot(request.name, request.source_volume_id, params)
+            if self.backups is not None and not getattr(pool, "remote", False):
+                ready, _ = self.backups.ensure_backup(pool, snap)
+                snap = replace(snap, ready=snap.ready and ready)
         return csi_pb2.CreateSnapshotResponse(snapshot=self._snapshot_msg(snap))
+
+    def _with_backup_state(self, pool: Pool | None, snap: Snapshot) -> Snapshot:
+        """A locally driven snapshot is ready once its backup (if any) is complete."""
+        if self.backups is None or pool is None or getattr(pool, "remote", False):
+            return snap
+        ready, _ = self.backups.backup_state(snap)
+        return snap if ready else replace(snap, ready=False)
 
     def DeleteSnapshot(self, request: csi_pb2.DeleteSnapshotRequest,
                        context: grpc.ServicerContext) -> csi_pb2.DeleteSnapshotResponse:
         check_id(request.snapshot_id, "snapshot_id")
         pool = self.pools.owner(request.snapshot_id)
-        if pool is not None:
+        local = pool is not None and not getattr(pool, "remote", False)
+        if pool is not None or self.backups is not None:
             with self.locks.hold(request.snapshot_id):
-                pool.delete_snapshot(request.snapshot_id)
+                snap = pool.get_snapshot(request.snapshot_id) if pool else None
+                if pool is not None:
+                    pool.delete_snapshot(request.snapshot_id)
+                if self.backups is not None and (local or pool is None):
+                    self._delete_backup(request.snapshot_id, snap)
         return csi_pb2.DeleteSnapshotResponse()
+
+    def _delete_backup(self, snapshot_id: str, snap: Snapshot | None) -> None:
+        assert self.backups is not None
+        target = snap.parameters.get("backupTarget") if snap else None
+        if target:
+            self.backups.delete_backup(snapshot_id, target)
+            return
+        if snap is None:  # known only as a backup (a snapshot of another node)
+            found = self.backups.find_backup(snapshot_id)
+            if found is not None:
+                self.backups.delete_backup(snapshot_id, found[0].name)
 
     def ListSnapshots(self, request: csi_pb2.ListSnapshotsRequest,
                       context: grpc.ServicerContext) -> csi_pb2.ListSnapshotsResponse:
-        snaps = [s for p in self.pools for s in p.list_snapshots()]
+        snaps = [self._with_backup_state(p, s) for p in self.pools for s in p.list_snapshots()]
         if request.snapshot_id:
             snaps = [s for s in snaps if s.id == request.snapshot_id]
         if request.source_volume_id:
@@ -366,5 +412,6 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         snap = pool.get_snapshot(request.snapshot_id) if pool else None
         if snap is None:
             raise NotFound(f"snapshot {request.snapshot_id} does not exist")
+        snap = self._with_backup_state(pool, snap)
         return csi_pb2.GetSnapshotResponse(snapshot=self._snapshot_msg(snap))
 

@@ -21,13 +21,14 @@ import grpc
 
 from csi import DEFAULT_DRIVER_NAME, __version__
 from csi._proto import csi_pb2_grpc
+from csi.backup.manager import BackupManager, build_targets
 from csi.config import DEFAULT_STATE_DIR, Config, load_config
 from csi.controller import ControllerService
 from csi.errors import FlotillaError, status_code
 from csi.identity import IdentityService
 from csi.kube.agent import NodeAgent
 from csi.kube.controller import DistributedControllerService
-from csi.kube.pool import KubeState
+from csi.kube.pool import KubePool, KubeState
 from csi.kube.wiring import controller_pools, make_api
 from csi.locks import KeyedTryLock
 from csi.metrics import Metrics
@@ -208,6 +209,14 @@ class Driver:
         self.metrics = Metrics(args.driver_name, self.pools)
         self.interceptor = RpcInterceptor(self.metrics)
         self.server: grpc.Server | None = None
+        self.backups: BackupManager | None = None
+        if config.backup_targets:
+            self.backups = BackupManager(build_targets(config.backup_targets),
+                                         args.state_dir, args.node_id, self.metrics.registry)
+            backups = self.backups
+            for pool in self.pools:
+                if isinstance(pool, KubePool):
+                    pool.backup_known = lambda sid: backups.find_backup(sid) is not None
 
     def start(self) -> None:
         os.makedirs(self.args.state_dir, exist_ok=True)
@@ -217,7 +226,7 @@ class Driver:
         locks = KeyedTryLock()
         if self.args.mode == "node":
             self.agent = NodeAgent(make_api(self.args, "node"), self.pools, self.args.node_id,
-                                   locks, self.args.capacity_interval)
+                                   locks, self.args.capacity_interval, backups=self.backups)
             self.agent.start()
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.args.workers),
                              interceptors=[self.interceptor])
@@ -228,7 +237,7 @@ class Driver:
             service = DistributedControllerService if mode == "controller" \
                 else ControllerService
             csi_pb2_grpc.add_ControllerServicer_to_server(
-                service(self.pools, self.args.node_id, locks), server)
+                service(self.pools, self.args.node_id, locks, self.backups), server)
         if mode in ("all", "node"):
             roots = [*self.config.allowed_roots, os.path.abspath(self.args.state_dir)]
             csi_pb2_grpc.add_NodeServicer_to_server(
@@ -271,6 +280,8 @@ class Driver:
         if self.agent is not None:
             self.agent.stop()
             self.agent = None
+        if self.backups is not None:
+            self.backups.stop()
         if self.kube_state is not None:
             self.kube_state.stop()
         self.pools.stop()

@@ -54,6 +54,7 @@ if ((want_test)); then
         go install "github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@${CSI_SANITY_VERSION}"
     fi
     scripts/e2e-tools.sh >/dev/null  # kine, kube-apiserver & co., CSI sidecars, helm (tests/e2e)
+    scripts/s3-test-server.sh >/dev/null  # gofakes3: the S3 server of tests/backup
     scripts/vm-setup.sh  # qemu, busybox, lvm2, a cached Debian kernel (tests/vm)
 fi
 log "ready"

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from csi import __version__
 from csi.errors import Aborted, FlotillaError, InvalidArgument, NotFound, Unavailable
@@ -28,6 +29,9 @@ from csi.kube.placement import is_node_local
 from csi.locks import KeyedTryLock
 from csi.pools import PoolSet
 from csi.pools.base import Pool
+
+if TYPE_CHECKING:
+    from csi.backup.manager import BackupManager
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +94,12 @@ class WorkQueue:
 
 class NodeAgent:
     def __init__(self, api: KubeApi, pools: PoolSet, node_id: str, locks: KeyedTryLock,
-                 capacity_interval: float = 30.0, workers: int = 4) -> None:
+                 capacity_interval: float = 30.0, workers: int = 4,
+                 backups: BackupManager | None = None) -> None:
         self.api = api
+        self.backups = backups
+        if backups is not None:
+            backups.on_done = self._backup_done
         self.pools = {p.name: p for p in pools if is_node_local(p)}
         self.node_id = node_id
         self.node_object = res.object_name(node_id)
@@ -141,6 +149,12 @@ class NodeAgent:
             if kind != "DELETED":
                 self.queue.add((plural, res.meta(obj)["name"]))
         return handler
+
+    def _backup_done(self, snapshot_id: str) -> None:
+        obj = self.informers[SNAPSHOTS].find(
+            lambda o: res.status(o).get("snapshotId") == snapshot_id)
+        if obj is not None:
+            self.queue.add((SNAPSHOTS, res.meta(obj)["name"]))
 
     # ---- the workers ----------------------------------------------------------------
 
@@ -237,7 +251,9 @@ class NodeAgent:
             return self._check_volume(obj, pool)
         if st.get("phase") != res.READY:
             try:
-                vol = pool.create_volume(res.request_of(obj))
+                req = res.request_of(obj)
+                vol = (self.backups.create_volume(pool, req) if self.backups is not None
+                       else pool.create_volume(req))
             except (Aborted, Unavailable):
                 return True
             except FlotillaError as err:
@@ -296,10 +312,13 @@ class NodeAgent:
                 if not sid:
                     found = pool.find_snapshot(sp["name"])
                     sid = found.id if found else None
+                target = (sp.get("parameters") or {}).get("backupTarget")
                 if sid:
                     try:
                         with self.locks.hold(sid):
                             pool.delete_snapshot(sid)
+                            if target and self.backups is not None:
+                                self.backups.delete_backup(sid, target)
                     except Aborted:
                         return True
                     except FlotillaError as err:
@@ -307,7 +326,9 @@ class NodeAgent:
                         return True
             self._release(SNAPSHOTS, obj, what)
             return False
-        if res.answered(obj) and st.get("phase") in (res.READY, res.FAILED):
+        target = (sp.get("parameters") or {}).get("backupTarget")
+        if res.answered(obj) and st.get("phase") in (res.READY, res.FAILED) and (
+                st.get("phase") == res.FAILED or st.get("readyToUse", True) or not target):
             return False
         if pool is None:
             self._failed(SNAPSHOTS, obj, InvalidArgument(
@@ -326,11 +347,33 @@ class NodeAgent:
         except FlotillaError as err:
             self._failed(SNAPSHOTS, obj, err, f"creating {what}")
             return False
-        self._status(SNAPSHOTS, obj, res.snapshot_status(snap, gen))
-        self.api.event(obj, "SnapshotTaken", f"{what} taken as {snap.id} on node "
-                       f"{self.node_id}")
-        log.info("%s taken as %s", what, snap.id)
-        return False
+        first = st.get("phase") != res.READY
+        message = ""
+        if target:
+            if self.backups is None:
+                self._failed(SNAPSHOTS, obj, InvalidArgument(
+                    f"node {self.node_id} has no backup_targets configured"), what)
+                return False
+            try:
+                ready, message = self.backups.ensure_backup(pool, snap)
+            except Unavailable as err:
+                ready, message = False, str(err)
+            except FlotillaError as err:
+                self._failed(SNAPSHOTS, obj, err, f"backing up {what}")
+                return False
+            snap = dataclasses.replace(snap, ready=ready)
+        status = res.snapshot_status(snap, gen)
+        status["message"] = message[:2000]
+        if (st.get("readyToUse"), st.get("message", "")) != (snap.ready, status["message"]) \
+                or first:
+            self._status(SNAPSHOTS, obj, status)
+        if first:
+            self.api.event(obj, "SnapshotTaken", f"{what} taken as {snap.id} on node "
+                           f"{self.node_id}")
+            log.info("%s taken as %s", what, snap.id)
+        if target and snap.ready and not st.get("readyToUse"):
+            self.api.event(obj, "BackedUp", f"{what} backed up to target {target!r}")
+        return target is not None and not snap.ready
 
     # ---- capacity -------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from csi.errors import (
@@ -96,6 +97,11 @@ class KubeState:
 
 class KubePool(Pool):
     """A node-local pool seen from the controller (see the module docstring)."""
+
+    #: the node agents drive the storage (and its backups), not this process
+    remote = True
+    #: does a backup target hold a backup of this snapshot id? (set by the driver)
+    backup_known: Callable[[str], bool] | None = None
 
     def __init__(self, template: Pool, state: KubeState) -> None:
         super().__init__(template.name, template.options)
@@ -199,8 +205,22 @@ class KubePool(Pool):
             src = (self._snapshot_obj(req.source.id) if req.source.kind == "snapshot"
                    else self._volume_obj(req.source.id))
             if src is None:
+                backed_up = req.source.kind == "snapshot" and self.backup_known is not None \
+                    and self.backup_known(req.source.id)
+            else:
+                backed_up = bool((res.spec(src).get("parameters") or {}).get("backupTarget"))
+            if src is None and not backed_up:
                 raise NotFound(f"source {req.source.kind} {req.source.id} does not exist")
-            node = str(res.spec(src)["node"])
+            node = str(res.spec(src)["node"]) if src is not None else ""
+            if backed_up:
+                # a backed-up snapshot restores on any node, so the scheduler's pick wins:
+                # that node's agent clones it when local, else reads the backup target
+                chosen = place.choose()
+                if chosen is not None:
+                    return str(chosen)
+                if not node:
+                    raise InvalidArgument("a volume restored from a backup needs "
+                                          "accessibility_requirements naming a node")
             if not place.allows(node):
                 raise ResourceExhausted(
                     f"the source {req.source.kind} lives on node {node}, which the "
