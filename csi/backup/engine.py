@@ -55,6 +55,8 @@ LEASE_STALE_SECONDS = 600.0
 Progress = Callable[[int], None]  # called with bytes done since the last call
 
 _ZEROS = bytes(CHUNK_SIZE)
+#: tells this process's leases from those a crashed process of the same holder left
+INSTANCE = uuid.uuid4().hex
 
 
 class CorruptBackup(Internal):
@@ -208,6 +210,7 @@ class Lease:
 
     def _write(self) -> None:
         self.target.put(self.key, json.dumps({"kind": self.kind, "holder": self.holder,
+                                              "instance": INSTANCE,
                                               "time": time.time()}).encode())
 
     def others(self) -> list[dict[str, Any]]:
@@ -243,6 +246,21 @@ class Lease:
             self._thread.join()
         with contextlib.suppress(Unavailable):
             self.target.delete(self.key)
+
+
+def clear_dead_leases(target: Target, holder: str) -> int:
+    """Remove the leases an earlier process of ``holder`` (this node) left by crashing:
+    they would hold garbage collection off until they go stale."""
+    removed = 0
+    for info in list(target.list("locks/")):
+        try:
+            body = json.loads(target.get(info.key))
+        except (MissingObject, ValueError):
+            continue
+        if body.get("holder") == holder and body.get("instance") != INSTANCE:
+            target.delete(info.key)
+            removed += 1
+    return removed
 
 
 @contextlib.contextmanager

@@ -142,6 +142,7 @@ class BackupManager:
         self._done: set[str] = set()
         self._gc_pending: set[str] = set()
         self.on_done: Callable[[str], None] | None = None  # called with the snapshot id
+        self._cleared: set[str] = set()
 
     # ---- targets --------------------------------------------------------------------
 
@@ -152,6 +153,23 @@ class BackupManager:
             raise InvalidArgument(f"parameter {BACKUP_PARAMETER}={name!r} names no "
                                   f"configured backup target ({known})")
         return target
+
+    def _first_use(self, target: Target) -> None:
+        """Once per process and target: drop the leases a crash of this node left."""
+        with self._mutex:
+            if target.name in self._cleared:
+                return
+            self._cleared.add(target.name)
+        try:
+            n = engine.clear_dead_leases(target, self.node_id)
+        except Unavailable as err:
+            with self._mutex:
+                self._cleared.discard(target.name)
+            log.warning("target %s: cannot check for dead leases: %s", target.name, err)
+            return
+        if n:
+            log.info("target %s: removed %d lease(s) of an earlier run of this node",
+                     target.name, n)
 
     def check_snapshot_parameters(self, pool: Pool, params: dict[str, str]) -> None:
         name = params.get(BACKUP_PARAMETER)
@@ -236,6 +254,7 @@ class BackupManager:
         m.running.labels(target.name).inc()
         start = time.monotonic()
         try:
+            self._first_use(target)
             fs_type = ""
             with contextlib.suppress(Exception):
                 vol = pool.get_volume(snap.source_volume_id)
@@ -302,6 +321,7 @@ class BackupManager:
     def _collect(self, target: Target) -> None:
         with self._mutex:
             self._gc_pending.discard(target.name)
+        self._first_use(target)
         try:
             result = engine.collect_garbage(target, self.node_id)
         except Unavailable as err:
