@@ -19,7 +19,8 @@ fi
 
 # qemu (TCG), a static busybox for the initramfs, and what the guest tests run (the host's
 # own binaries run inside the guest): LVM2 with the thin-pool tools, filesystems.
-packages=(qemu-system-x86 busybox-static lvm2 thin-provisioning-tools e2fsprogs xfsprogs)
+packages=(qemu-system-x86 busybox-static lvm2 thin-provisioning-tools e2fsprogs xfsprogs
+          nfs-kernel-server nfs-common rpcbind)  # the guest runs the host's own nfsd tools
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
