@@ -301,9 +301,14 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("snapshots", help="list snapshots")
     capp = sub.add_parser("capacity", help="available capacity")
     capp.add_argument("--pool", default="")
+    from csi.backup import cli as backup_cli
+
+    backup_cli.add_parser(sub)
     args = p.parse_args(argv)
     if args.command == "demo":
         return Demo(args.state_dir, args.remove_pool).run()
+    if args.command == "backup":
+        return backup_cli.run(args)
     commands = {"probe": cmd_probe, "volumes": cmd_volumes, "snapshots": cmd_snapshots,
                 "capacity": cmd_capacity}
     try:
