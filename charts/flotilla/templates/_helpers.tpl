@@ -58,4 +58,28 @@ allowed_roots:
   - {{ . }}
 {{- end }}
 max_volumes_per_node: {{ .Values.maxVolumesPerNode }}
+{{- with .Values.backupTargets }}
+backup_targets:
+{{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* the Secret with the backup targets' S3 credentials, if any */}}
+{{- define "flotilla.backupSecret" -}}
+{{- if .Values.backupCredentials.existingSecret -}}
+{{ .Values.backupCredentials.existingSecret }}
+{{- else if .Values.backupCredentials.create -}}
+{{ include "flotilla.fullname" . }}-backup-credentials
+{{- end -}}
+{{- end -}}
+
+{{/* environment of the driver containers: S3 credentials from the Secret */}}
+{{- define "flotilla.backupEnv" -}}
+{{- $secret := include "flotilla.backupSecret" . -}}
+{{- if and .Values.backupTargets $secret }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom: {secretKeyRef: {name: {{ $secret }}, key: accessKeyId, optional: true}}
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom: {secretKeyRef: {name: {{ $secret }}, key: secretAccessKey, optional: true}}
+{{- end }}
 {{- end -}}
