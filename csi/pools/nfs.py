@@ -315,7 +315,14 @@ class NfsPool(Pool):
     # ---- volumes --------------------------------------------------------------------
 
     def get_volume(self, volume_id: str) -> Volume | None:
-        return self.store.volume(volume_id)
+        """From the index, else from the export: in distributed mode the controller
+        creates volumes that a node's pool has not loaded yet."""
+        vol = self.store.volume(volume_id)
+        if vol is None and self.store.uid(volume_id, "vol") is not None \
+                and self.system.path_alive(self.mount_dir):
+            found = self.store.reload("volumes", volume_id)
+            vol = found if isinstance(found, Volume) else None
+        return vol
 
     def find_volume(self, name: str) -> Volume | None:
         return self.store.volume_named(name)
@@ -418,7 +425,12 @@ class NfsPool(Pool):
     # ---- snapshots ------------------------------------------------------------------
 
     def get_snapshot(self, snapshot_id: str) -> Snapshot | None:
-        return self.store.snapshot(snapshot_id)
+        snap = self.store.snapshot(snapshot_id)
+        if snap is None and self.store.uid(snapshot_id, "snap") is not None \
+                and self.system.path_alive(self.mount_dir):
+            found = self.store.reload("snapshots", snapshot_id)
+            snap = found if isinstance(found, Snapshot) else None
+        return snap
 
     def find_snapshot(self, name: str) -> Snapshot | None:
         return self.store.snapshot_named(name)

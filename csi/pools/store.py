@@ -139,10 +139,14 @@ class ObjectStore:
             self.snapshots = snapshots
         log.info("pool %s: %d volumes, %d snapshots", self.pool, len(volumes), len(snapshots))
 
-    def _read_meta(self, path: str) -> dict[str, Any] | None:
+    def _read_meta(self, path: str, quiet: bool = False) -> dict[str, Any] | None:
         try:
             with open(path) as f:
                 meta: dict[str, Any] = json.load(f)
+        except FileNotFoundError:
+            if not quiet:
+                log.error("pool %s: metadata %s vanished while loading", self.pool, path)
+            return None
         except (OSError, ValueError) as err:
             log.error("pool %s: unreadable metadata %s: %s (left in place)", self.pool, path,
                       err)
@@ -154,6 +158,22 @@ class ObjectStore:
         return meta
 
     # ---- index ----------------------------------------------------------------------
+
+    def reload(self, kind: str, object_id: str) -> Volume | Snapshot | None:
+        """Read one object's metadata from the tree into the index (for a store shared
+        with other processes, e.g. an NFS export the controller writes and nodes read)."""
+        if self.uid(object_id, "vol" if kind == "volumes" else "snap") is None:
+            return None
+        meta = self._read_meta(self.path(kind, object_id, meta=True), quiet=True)
+        if meta is None:
+            return None
+        obj: Volume | Snapshot = volume_from(meta) if kind == "volumes" else snapshot_from(meta)
+        with self.mutex:
+            if isinstance(obj, Volume):
+                self.volumes[obj.id] = obj
+            else:
+                self.snapshots[obj.id] = obj
+        return obj
 
     def volume(self, volume_id: str) -> Volume | None:
         with self.mutex:

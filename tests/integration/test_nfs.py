@@ -132,3 +132,16 @@ def test_block_volumes_are_refused(harness: NfsHarness) -> None:
     with pytest.raises(InvalidArgument, match="filesystem volumes only"):
         pool.create_volume(req("blk", 64 * MiB, block=True))
     assert pool.list_volumes() == []
+
+
+def test_a_second_pool_on_the_export_sees_new_objects(harness: NfsHarness,
+                                                      workdir: Path) -> None:
+    """Distributed mode: the controller's pool creates, a node's pool (started earlier,
+    own mount of the same export) must find the volume to publish it."""
+    controller = harness.make()
+    node = harness.make(mount_dir=str(workdir / "node-mount"))
+    vol = controller.create_volume(req("late", 64 * MiB))
+    snap = controller.create_snapshot("late-snap", vol.id, {})
+    assert node.get_volume(vol.id) == vol
+    assert node.get_snapshot(snap.id) == snap
+    assert node.get_volume(f"contract:vol-{'0' * 32}") is None
