@@ -46,6 +46,7 @@ pytestmark = pytest.mark.root
 
 NAMESPACE = "flotilla-system"
 NODE = "e2e-node-1"
+NODE2 = "e2e-node-2"  # a second node agent with its own pool: restores from backups
 TOPOLOGY_KEY = "topology.flotilla.csi.io/node"
 TOOLS = ["kine", "kube-apiserver", "kube-controller-manager", "csi-provisioner",
          "csi-snapshotter", "snapshot-controller", "csi-resizer", "helm"]
@@ -97,6 +98,9 @@ class Rig:
     kubelet: Path
     node: CSIClient
     node_socket: Path
+    node2: CSIClient
+    pool_dir2: Path
+    backup_dir: Path
 
 
 def helm(cp: ControlPlane, *args: str) -> str:
@@ -162,10 +166,12 @@ def setup(cp: ControlPlane, work: Path, mnt: Path) -> Rig:
     kubelet = work / "kubelet"
     kubelet.mkdir()
     pool_dir = mnt / "pool"
+    backup_dir = work / "backups"  # a dir backup target (an NFS mount on real nodes)
     values = {
         "kubeletDir": str(kubelet), "stateDir": str(work / "node-state"),
         "pools": [{"name": "default", "type": "filepool", "path": str(pool_dir),
                    "storageClass": {"fsType": "xfs"}}],
+        "backupTargets": [{"name": "nas", "type": "dir", "path": str(backup_dir)}],
         "controller": {"kubeTimeout": 20, "sidecarTimeout": "30s"},
         "node": {"capacityInterval": 5},
     }
@@ -175,16 +181,24 @@ def setup(cp: ControlPlane, work: Path, mnt: Path) -> Rig:
          "--create-namespace", "--values", str(values_file))
 
     # the kubelet's part: a Node with the topology label, the driver in its CSINode
-    kube.create({"apiVersion": "v1", "kind": "Node", "metadata": {
-        "name": NODE, "labels": {"kubernetes.io/hostname": NODE, TOPOLOGY_KEY: NODE}}})
-    kube.create({"apiVersion": "storage.k8s.io/v1", "kind": "CSINode",
-                 "metadata": {"name": NODE},
-                 "spec": {"drivers": [{"name": "flotilla.csi.io", "nodeID": NODE,
-                                       "topologyKeys": [TOPOLOGY_KEY]}]}})
+    for node in (NODE, NODE2):
+        kube.create({"apiVersion": "v1", "kind": "Node", "metadata": {
+            "name": node, "labels": {"kubernetes.io/hostname": node, TOPOLOGY_KEY: node}}})
+        kube.create({"apiVersion": "storage.k8s.io/v1", "kind": "CSINode",
+                     "metadata": {"name": node},
+                     "spec": {"drivers": [{"name": "flotilla.csi.io", "nodeID": node,
+                                           "topologyKeys": [TOPOLOGY_KEY]}]}})
 
     # what the pods would mount: the ConfigMap, their ServiceAccount tokens
     config = kube.get("ConfigMap", "flotilla-config", NAMESPACE)["data"]["pools.yaml"]
     (work / "pools.yaml").write_text(config)
+    # the second node: the same configuration, its own pool directory
+    config2 = yaml.safe_load(config)
+    assert config2["backup_targets"] == [{"name": "nas", "type": "dir",
+                                          "path": str(backup_dir)}]
+    pool_dir2 = mnt / "pool-2"
+    config2["pools"][0]["path"] = str(pool_dir2)
+    (work / "pools-2.yaml").write_text(yaml.safe_dump(config2))
     ctrl_kc = cp.service_account_kubeconfig(NAMESPACE, "flotilla-controller")
     node_kc = cp.service_account_kubeconfig(NAMESPACE, "flotilla-node")
     deploy = kube.request("GET", f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/"
@@ -193,12 +207,15 @@ def setup(cp: ControlPlane, work: Path, mnt: Path) -> Rig:
                                     "flotilla-node")
 
     node_sock, ctrl_sock = work / "node.sock", work / "controller.sock"
-    for name, workload, sock, kc, node_id in (
-            ("flotilla-node", daemonset, node_sock, node_kc, NODE),
-            ("flotilla-controller", deploy, ctrl_sock, ctrl_kc, "e2e-controller")):
+    node2_sock = work / "node-2.sock"
+    for name, workload, sock, kc, node_id, conf in (
+            ("flotilla-node", daemonset, node_sock, node_kc, NODE, "pools.yaml"),
+            ("flotilla-node-2", daemonset, node2_sock, node_kc, NODE2, "pools-2.yaml"),
+            ("flotilla-controller", deploy, ctrl_sock, ctrl_kc, "e2e-controller",
+             "pools.yaml")):
         args = replace_args(container(workload, "flotilla")["args"], {
             "--endpoint": f"unix://{sock}", "--node-id": node_id,
-            "--pool-config": str(work / "pools.yaml"),
+            "--pool-config": str(work / conf),
             "--state-dir": str(work / f"{name}-state"),
             "--metrics-address": f"127.0.0.1:{free_port()}", "--log-format": "text",
         })
@@ -219,9 +236,12 @@ def setup(cp: ControlPlane, work: Path, mnt: Path) -> Rig:
                            "--v=3"], env)
     channel = grpc.insecure_channel(f"unix://{node_sock}")
     grpc.channel_ready_future(channel).result(timeout=30)
+    channel2 = grpc.insecure_channel(f"unix://{node2_sock}")
+    grpc.channel_ready_future(channel2).result(timeout=30)
     print(f"e2e control plane, chart and driver up in {time.monotonic() - t0:.1f}s")
     return Rig(cp=cp, kube=kube, work=work, pool_dir=pool_dir, kubelet=kubelet,
-               node=CSIClient(channel), node_socket=node_sock)
+               node=CSIClient(channel), node_socket=node_sock, node2=CSIClient(channel2),
+               pool_dir2=pool_dir2, backup_dir=backup_dir)
 
 
 # ---- the kubelet's node calls -------------------------------------------------------------
@@ -233,25 +253,28 @@ def _paths(rig: Rig, pv: dict[str, Any]) -> tuple[str, str]:
     return str(staging), str(target)
 
 
-def stage_and_publish(rig: Rig, pv: dict[str, Any]) -> str:
+def stage_and_publish(rig: Rig, pv: dict[str, Any], client: CSIClient | None = None) -> str:
+    node = client or rig.node
     csi = pv["spec"]["csi"]
     staging, target = _paths(rig, pv)
     cap = mount_cap(csi.get("fsType", ""))
-    rig.node.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
+    node.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
         volume_id=csi["volumeHandle"], staging_target_path=staging, volume_capability=cap,
         volume_context=csi.get("volumeAttributes", {})))
-    rig.node.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
+    node.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
         volume_id=csi["volumeHandle"], staging_target_path=staging, target_path=target,
         volume_capability=cap, volume_context=csi.get("volumeAttributes", {})))
     return target
 
 
-def unpublish_and_unstage(rig: Rig, pv: dict[str, Any]) -> None:
+def unpublish_and_unstage(rig: Rig, pv: dict[str, Any],
+                          client: CSIClient | None = None) -> None:
+    node = client or rig.node
     vid = pv["spec"]["csi"]["volumeHandle"]
     staging, target = _paths(rig, pv)
-    rig.node.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
+    node.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
         volume_id=vid, target_path=target))
-    rig.node.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
+    node.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
         volume_id=vid, staging_target_path=staging))
 
 
@@ -300,7 +323,7 @@ def test_chart_objects_and_capacity(rig: Rig) -> None:
                 if c["storageClassName"] == "flotilla-default"
                 and c.get("capacity") not in (None, "0")]
     caps = kube.wait("CSIStorageCapacity for flotilla-default", capacities, timeout=90)
-    assert caps[0]["nodeTopology"]["matchLabels"] == {TOPOLOGY_KEY: NODE}
+    assert {TOPOLOGY_KEY: NODE} in [c["nodeTopology"]["matchLabels"] for c in caps]
 
 
 def test_volume_snapshot_restore_resize(rig: Rig) -> None:
@@ -379,6 +402,68 @@ def test_volume_snapshot_restore_resize(rig: Rig) -> None:
     kube.wait("PVs, contents and Flotilla resources to be deleted", all_gone, timeout=120)
     assert os.listdir(rig.pool_dir / "volumes") == []
     assert os.listdir(rig.pool_dir / "snapshots") == []
+
+
+def test_backup_class_restores_on_the_other_node(rig: Rig) -> None:
+    """A VolumeSnapshot of the backup class is uploaded to the target by the node that
+    holds it; a PVC from it scheduled on the *other* node is restored there from the
+    target, with the same data."""
+    kube, ns = rig.kube, "e2e-backup"
+    kube.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    assert kube.get("VolumeSnapshotClass", "flotilla-backup")["parameters"] == {
+        "backupTarget": "nas"}
+    pvc = example("pvc.yaml", ns)
+    kube.create(pvc)
+    kube.patch("PersistentVolumeClaim", "data", {"metadata": {"annotations": {
+        "volume.kubernetes.io/selected-node": NODE}}}, ns)
+    pv = bound_pv(rig, "data", ns)
+    assert pv_node(pv) == NODE
+    target = stage_and_publish(rig, pv)
+    payload = os.urandom(3 << 20)
+    Path(target, "payload.bin").write_bytes(payload)
+    os.sync()
+
+    snapshot = example("volumesnapshot.yaml", ns)
+    snapshot["spec"]["volumeSnapshotClassName"] = "flotilla-backup"
+    kube.create(snapshot)
+    snap = kube.wait("VolumeSnapshot of the backup class readyToUse", lambda: (
+        rig.cp.check_alive(), (s := kube.get("VolumeSnapshot", "data-snap", ns))
+        and s.get("status", {}).get("readyToUse") and s)[1], timeout=180)
+    content = kube.get("VolumeSnapshotContent", snap["status"]["boundVolumeSnapshotContentName"])
+    snap_id = content["status"]["snapshotHandle"]
+    assert (rig.backup_dir / "manifests" / f"{snap_id}.json").exists()
+    fsnap = next(s for s in kube.list("FlotillaSnapshot")
+                 if s.get("status", {}).get("snapshotId") == snap_id)
+    assert fsnap["spec"]["node"] == NODE and fsnap["status"]["readyToUse"] is True
+    assert list(rig.backup_dir.glob("chunks/*/*"))
+
+    # the scheduler puts the restoring pod on the other node: restored from the target
+    kube.create(example("restore-pvc.yaml", ns))
+    kube.patch("PersistentVolumeClaim", "data-restored", {"metadata": {"annotations": {
+        "volume.kubernetes.io/selected-node": NODE2}}}, ns)
+    restored = bound_pv(rig, "data-restored", ns)
+    assert pv_node(restored) == NODE2
+    fvol = kube.get("FlotillaVolume", restored["metadata"]["name"])
+    assert fvol["spec"]["node"] == NODE2 and fvol["status"]["phase"] == "Ready"
+    assert os.listdir(rig.pool_dir2 / "snapshots") == []  # node 2 never had the snapshot
+    restored_target = stage_and_publish(rig, restored, rig.node2)
+    assert Path(restored_target, "payload.bin").read_bytes() == payload
+
+    unpublish_and_unstage(rig, restored, rig.node2)
+    unpublish_and_unstage(rig, pv)
+    kube.delete("PersistentVolumeClaim", "data-restored", ns)
+    kube.delete("VolumeSnapshot", "data-snap", ns)
+    kube.delete("PersistentVolumeClaim", "data", ns)
+
+    def all_gone() -> bool:
+        rig.cp.check_alive()
+        return not (kube.list("PersistentVolume") or kube.list("FlotillaVolume")
+                    or kube.list("FlotillaSnapshot") or kube.list("VolumeSnapshotContent"))
+    kube.wait("PVs, contents and Flotilla resources to be deleted", all_gone, timeout=120)
+    # the snapshot's deletion removed its backup: manifest and chunks
+    assert list(rig.backup_dir.glob("manifests/*")) == []
+    assert list(rig.backup_dir.glob("chunks/*/*")) == []
+    assert os.listdir(rig.pool_dir2 / "volumes") == []
 
 
 def test_helm_upgrade_and_uninstall(rig: Rig) -> None:
