@@ -136,6 +136,10 @@ class BackupManager:
         self.metrics = BackupMetrics(registry)
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="backup")
+        # garbage collection lists whole targets: never inside a CSI call
+        self._gc_executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="backup-gc")
+        self._gc_queued: set[str] = set()
         self._mutex = threading.Lock()
         self._jobs: dict[str, Job] = {}
         self._errors: dict[str, str] = {}
@@ -186,6 +190,7 @@ class BackupManager:
             for job in self._jobs.values():
                 job.interrupt.set()
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self._gc_executor.shutdown(wait=True, cancel_futures=True)
         for t in self.targets.values():
             t.close()
 
@@ -288,7 +293,7 @@ class BackupManager:
             gc_now = target.name in self._gc_pending and not any(
                 j.target == target.name for j in self._jobs.values())
         if gc_now:
-            self._collect(target)
+            self._schedule_gc(target)
         self._notify(snap.id)
         return stats
 
@@ -316,17 +321,30 @@ class BackupManager:
         with self._mutex:
             self._done.discard(snapshot_id)
             self._errors.pop(snapshot_id, None)
-        self._collect(target)
+        self._schedule_gc(target)
+
+    def _schedule_gc(self, target: Target) -> None:
+        """Collect garbage in the background (once, however many deletions asked)."""
+        with self._mutex:
+            if target.name in self._gc_queued:
+                return
+            self._gc_queued.add(target.name)
+        try:
+            self._gc_executor.submit(self._collect, target)
+        except RuntimeError:  # shutting down
+            with self._mutex:
+                self._gc_queued.discard(target.name)
 
     def _collect(self, target: Target) -> None:
         with self._mutex:
             self._gc_pending.discard(target.name)
+            self._gc_queued.discard(target.name)
         self._first_use(target)
         try:
             result = engine.collect_garbage(target, self.node_id)
-        except Unavailable as err:
-            log.warning("garbage collection in %s failed (retried later): %s", target.name,
-                        err)
+        except Exception as err:
+            log.warning("garbage collection in %s failed (retried after the next backup "
+                        "or deletion): %s", target.name, err)
             result = engine.GcResult(deferred=True)
         if result.deferred:
             with self._mutex:
