@@ -90,10 +90,15 @@ def build_targets(specs: list[dict[str, Any]]) -> dict[str, Target]:
 @contextlib.contextmanager
 def snapshot_image(pool: Pool, snap: Snapshot) -> Iterator[str]:
     """A readable path of a snapshot's content: the image file of a filepool snapshot,
-    the activated thin LV of an lvmthin one."""
+    the activated thin LV of an lvmthin one, or what a pool's ``snapshot_path(id)``
+    method (the hook for other image-holding pool types) answers."""
     from csi.pools.filepool import FilePool
     from csi.pools.lvmthin import LvmThinPool
 
+    hook = getattr(pool, "snapshot_path", None)
+    if callable(hook):
+        yield str(hook(snap.id))
+        return
     if isinstance(pool, FilePool):
         yield pool.store.path("snapshots", snap.id)
         return
