@@ -52,15 +52,15 @@ def parse_duration(text: str) -> float:
 class ProgressBar:
     """A one-line progress bar on stderr (a plain final line when not a terminal)."""
 
-    def __init__(self, total: int, title: str, out: TextIO = sys.stderr) -> None:
+    def __init__(self, total: int, title: str, out: TextIO | None = None) -> None:
         self.total = max(total, 1)
         self.title = title
-        self.out = out
+        self.out = out or sys.stderr
         self.done = 0
         self.start = time.monotonic()
         self._lock = threading.Lock()
         self._last = 0.0
-        self.tty = out.isatty()
+        self.tty = self.out.isatty()
 
     def __call__(self, n: int) -> None:
         with self._lock:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from csi.backup import engine
 from csi.backup.engine import Manifest
 from csi.backup.targets import DirTarget
 from csi.cli import main
+from tests.conftest import require_root
 
 MiB = 1 << 20
 
@@ -61,3 +63,34 @@ def test_backup_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([*cli, "verify", "p:snap-2"]) == 1
     assert "BAD" in capsys.readouterr().out
     assert main([*cli, "--target", "nope", "list"]) == 1
+
+
+def test_backup_cli_restores_onto_a_block_device(workdir: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A device is overwritten whole (holes as zeros) after every chunk was checked."""
+    require_root()
+    target = DirTarget("nas", str(workdir / "target"))
+    config = workdir / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "pools": [{"name": "p", "type": "filepool", "path": str(workdir / "pool")}],
+        "backup_targets": [{"name": "nas", "type": "dir", "path": str(target.path)}]}))
+    img = workdir / "v.img"
+    with open(img, "wb") as f:
+        f.truncate(16 * MiB)
+        f.seek(5 * MiB)
+        f.write(os.urandom(MiB))
+    engine.backup_image(target, str(img), Manifest(id="p:snap-d", size=16 * MiB, chunks=[]),
+                        "t")
+    disk = workdir / "disk.img"
+    disk.write_bytes(os.urandom(16 * MiB))  # old content everywhere
+    dev = subprocess.run(["losetup", "--find", "--show", str(disk)], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    try:
+        assert main(["backup", "--config", str(config), "restore", "p:snap-d",
+                     "--to", dev]) == 0
+        with open(dev, "rb") as f:
+            assert hashlib.sha256(f.read()).digest() == \
+                hashlib.sha256(img.read_bytes()).digest()
+    finally:
+        subprocess.run(["losetup", "--detach", dev], check=False)
+    assert "restored p:snap-d" in capsys.readouterr().out
