@@ -213,12 +213,8 @@ class LvmThinPool(Pool):
     def _path(self, lv: str) -> str:
         return f"{self.vg}/{lv}"
 
-    @property
-    def dm_prefix(self) -> str:
-        return self.vg.replace("-", "--") + "-"
-
     def _dm_name(self, lv: str) -> str:
-        return self.dm_prefix + lv.replace("-", "--")
+        return self.vg.replace("-", "--") + "-" + lv.replace("-", "--")
 
     # ---- lvm ------------------------------------------------------------------------
 

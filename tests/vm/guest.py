@@ -37,8 +37,10 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,7 +161,7 @@ def kernel() -> Kernel:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     tmp.write_bytes(data)
     os.replace(tmp, path)
 
@@ -364,6 +366,7 @@ def run_in_guest(
     env: Mapping[str, str] | None = None,
     tmpfs_size: str = "75%",
     guest_timeout: float | None = None,
+    cpu: str = "max",
 ) -> GuestResult:
     """Run ``script`` (POSIX sh, cwd ``/job``) as root in a fresh guest.
 
@@ -387,7 +390,7 @@ def run_in_guest(
     diskdir = Path(tempfile.mkdtemp(prefix="flotilla-disks-", dir="/var/tmp"))
     in_guest = int(guest_timeout if guest_timeout is not None else max(10, timeout - 20))
     argv = [
-        QEMU, "-machine", "pc", "-accel", "tcg,tb-size=256", "-cpu", "max",
+        QEMU, "-machine", "pc", "-accel", "tcg,tb-size=256", "-cpu", cpu,
         "-smp", str(cpus), "-m", str(memory_mib),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-monitor", "none", "-serial", f"file:{job / 'console.log'}",
@@ -410,17 +413,21 @@ def run_in_guest(
         started = time.monotonic()
         timed_out = False
         with open(job / "qemu.log", "wb") as qlog:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qlog,
+            # setpriv execs qemu with a parent-death signal: a killed test run never
+            # leaves a guest behind
+            proc = subprocess.Popen(["setpriv", "--pdeathsig", "KILL", "--", *argv],
+                                    stdin=subprocess.DEVNULL, stdout=qlog,
                                     stderr=subprocess.STDOUT, start_new_session=True)
+            with _running_lock:
+                _running.add(proc)
             try:
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 timed_out = True
             finally:
-                if proc.poll() is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+                _kill(proc)
+                with _running_lock:
+                    _running.discard(proc)
         seconds = time.monotonic() - started
     finally:
         shutil.rmtree(diskdir, ignore_errors=True)
@@ -436,6 +443,78 @@ def run_in_guest(
     if own_jobdir:
         shutil.rmtree(job, ignore_errors=True)
     return result
+
+
+_running: set[subprocess.Popen[bytes]] = set()
+_running_lock = threading.Lock()
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    """Kill a qemu (its own process group, by PID) and reap it."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def kill_all() -> None:
+    """Kill every guest this process still runs (end of a test session)."""
+    with _running_lock:
+        procs = list(_running)
+    for proc in procs:
+        _kill(proc)
+
+
+# ---- several guests at once ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GuestJob:
+    """A guest run to schedule: :func:`run_in_guest` arguments and a duration estimate
+    (longest jobs start first)."""
+
+    script: str
+    modules: tuple[str, ...] = ()
+    disks: tuple[int, ...] = ()
+    timeout: float = 600.0
+    env: tuple[tuple[str, str], ...] = ()
+    guest_timeout: float | None = None
+    expected_seconds: float = 60.0
+
+
+def parallelism() -> int:
+    """Guests run at once: ``FLOTILLA_VM_PARALLEL``, else 2 (a guest keeps about one host
+    core busy: mostly single-threaded work with I/O waits)."""
+    return max(1, int(os.environ.get("FLOTILLA_VM_PARALLEL", "2")))
+
+
+class GuestScheduler:
+    """Runs :class:`GuestJob` s on a few worker threads; each job's jobdir is
+    ``base/<name>``. :meth:`shutdown` kills whatever still runs."""
+
+    def __init__(self, base: Path, workers: int | None = None) -> None:
+        self.base = base
+        self.executor = ThreadPoolExecutor(max_workers=workers or parallelism(),
+                                           thread_name_prefix="guest")
+        self.futures: dict[str, Future[GuestResult]] = {}
+
+    def submit(self, name: str, job: GuestJob) -> Future[GuestResult]:
+        if name not in self.futures:
+            self.futures[name] = self.executor.submit(
+                run_in_guest, job.script, modules=job.modules, disks=job.disks,
+                timeout=job.timeout, jobdir=self.base / name, env=dict(job.env),
+                guest_timeout=job.guest_timeout)
+        return self.futures[name]
+
+    def submit_all(self, jobs: Mapping[str, GuestJob]) -> None:
+        for name, job in sorted(jobs.items(), key=lambda kv: -kv[1].expected_seconds):
+            self.submit(name, job)
+
+    def shutdown(self) -> None:
+        for future in self.futures.values():
+            future.cancel()
+        kill_all()
+        self.executor.shutdown(wait=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
