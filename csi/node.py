@@ -178,11 +178,31 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         staging = check_path(request.staging_target_path, self.roots, "staging_target_path")
         pool = self.pools.owner(request.volume_id)
         with self.locks.hold(request.volume_id):
+            if pool is not None and not pool.network:
+                self._refuse_if_published(pool, request.volume_id, staging)
             while self.system.mount_at(staging) is not None:
                 self.system.umount(staging)
             if pool is not None:
                 pool.detach(request.volume_id)
         return csi_pb2.NodeUnstageVolumeResponse()
+
+    def _refuse_if_published(self, pool: Pool, volume_id: str, staging: str) -> None:
+        """Unstaging under a live publish would leave the filesystem mounted through the
+        publish while its device is detached, and a later stage would mount the same
+        filesystem a second time through a new device: refuse until unpublished."""
+        device = pool.device_of(volume_id)
+        if device is None:
+            return
+        staged = self.system.mount_at(staging)
+        here = os.path.join(os.path.realpath(os.path.dirname(staging)),
+                            os.path.basename(staging))
+        mounts = self.system.mounts()
+        published = [m.mount_point for m in mounts if m.mount_point != here
+                     and (_same_device(m, device) or (staged is not None
+                                                      and m.major_minor == staged.major_minor))]
+        if published:
+            raise FailedPrecondition(f"volume {volume_id} is still published at "
+                                     f"{', '.join(published)}; NodeUnpublishVolume first")
 
     # ---- publish --------------------------------------------------------------------
 

@@ -61,7 +61,11 @@ def loops_backed_by(prefix: str) -> list[str]:
     """Loop devices whose backing file is under ``prefix`` (leak checks)."""
     found = []
     for entry in Path("/sys/block").glob("loop*/loop/backing_file"):
-        if entry.read_text().strip().startswith(prefix):
+        try:
+            backing = entry.read_text().strip()
+        except OSError:  # detached while we looked
+            continue
+        if backing.startswith(prefix):
             found.append(entry.parent.parent.name)
     return found
 

@@ -361,3 +361,20 @@ def test_deleted_data_goes_back_to_the_pool(env: Env) -> None:
     assert emptied < full - 100 * MiB, f"image still holds {emptied} of {full} bytes"
     unstage(env, vol.volume_id, staging)
     delete(env, vol.volume_id)
+
+
+@pytest.mark.parametrize("block", [False, True])
+def test_unstage_while_published_is_refused(env: Env, block: bool) -> None:
+    """Otherwise the publish would keep the filesystem alive on a detached device and the
+    next stage would mount it a second time through a new one."""
+    cap = block_cap() if block else mount_cap("xfs")
+    vol = create(env, f"busy-{block}", size=512 * MiB, cap=cap)
+    staging = stage(env, vol.volume_id, cap, "pub")
+    target = publish(env, vol.volume_id, cap, staging, "pub")
+    err = expect_code(grpc.StatusCode.FAILED_PRECONDITION, unstage, env, vol.volume_id, staging)
+    assert "still published" in (err.details() or "")
+    assert os.path.ismount(target)
+    unpublish(env, vol.volume_id, target)
+    unstage(env, vol.volume_id, staging)
+    assert loops_backed_by(str(env.pool_path)) == []
+    delete(env, vol.volume_id)
