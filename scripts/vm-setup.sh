@@ -49,12 +49,12 @@ if [[ ! -f $dest/.complete ]]; then
     tmp=$(mktemp -d "$CACHE/kernel/.tmp.XXXXXX")
     trap 'rm -rf "$tmp"' EXIT
     (cd "$tmp" && apt-get download -q "$image" 2>&1 | grep -v '^W: Download is performed unsandboxed' >&2 || true)
-    deb=$(ls "$tmp"/*.deb 2>/dev/null | head -n1)
+    deb=$(ls "$tmp"/*.deb 2>/dev/null | head -n1 || true)
     if [[ -z $deb ]]; then
         # the index may be older than the archive: refresh it once and retry
         apt-get update -qq
         (cd "$tmp" && apt-get download -q "$image" 2>&1 | grep -v '^W: Download is performed unsandboxed' >&2 || true)
-        deb=$(ls "$tmp"/*.deb 2>/dev/null | head -n1)
+        deb=$(ls "$tmp"/*.deb 2>/dev/null | head -n1 || true)
     fi
     [[ -n $deb ]] || { echo "vm-setup: apt-get download $image failed" >&2; exit 1; }
     dpkg-deb -x "$deb" "$tmp/root"
