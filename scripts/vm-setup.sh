@@ -36,10 +36,10 @@ fi
 
 # The kernel: whatever linux-image-amd64 currently depends on, unpacked once.
 mkdir -p "$CACHE/kernel"
-image=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+image=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}' || true)
 if [[ -z $image ]]; then
     if ((!updated)); then apt-get update -qq; updated=1; fi
-    image=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+    image=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}' || true)
 fi
 [[ -n $image ]] || { echo "vm-setup: cannot resolve linux-image-amd64" >&2; exit 1; }
 version=${image#linux-image-}
