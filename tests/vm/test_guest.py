@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from tests.helpers import REPO
 from tests.vm.guest import GuestJob, GuestResult
 
 pytestmark = [pytest.mark.root, pytest.mark.vm]
@@ -15,7 +16,7 @@ GREETING = "it's \"quoted\" $HOME"
 GUEST_JOBS = {
     "status": GuestJob(
         'echo "kernel $(uname -r)"; printf %s "$GREETING" > /job/greeting; '
-        'test "$FLOTILLA_IN_GUEST" = 1; test -d /work; exit 7',
+        f'test "$FLOTILLA_IN_GUEST" = 1; test -f {REPO}/pyproject.toml; exit 7',
         timeout=300, env=(("GREETING", GREETING),), expected_seconds=10),
     "panic": GuestJob("echo c > /proc/sysrq-trigger; sleep 60", timeout=300,
                       expected_seconds=10),
