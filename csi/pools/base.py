@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Literal
 
-from csi.errors import AlreadyExists, InvalidArgument
+from csi.errors import AlreadyExists, InvalidArgument, NotFound
 
 ID_RE = re.compile(r"^(?P<pool>[a-z0-9][a-z0-9-]{0,31}):(?P<kind>vol|snap)-(?P<uid>[0-9a-f]{32})$")
 POOL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
@@ -206,6 +206,23 @@ class Pool(abc.ABC):
 
     @abc.abstractmethod
     def list_snapshots(self) -> list[Snapshot]: ...
+
+    def snapshot_request(self, name: str, source_volume_id: str) -> Snapshot | Volume:
+        """The start of every create_snapshot: the snapshot already made under ``name``
+        for this source (an idempotent retry), else the source volume to snapshot.
+
+        Raises: AlreadyExists (the name is taken by another source), NotFound (source).
+        """
+        existing = self.find_snapshot(name)
+        if existing is not None:
+            if existing.source_volume_id != source_volume_id:
+                raise AlreadyExists(f"snapshot {name!r} exists for volume "
+                                    f"{existing.source_volume_id}, not {source_volume_id}")
+            return existing
+        vol = self.get_volume(source_volume_id)
+        if vol is None:
+            raise NotFound(f"source volume {source_volume_id} does not exist")
+        return vol
 
     # ---- capacity -------------------------------------------------------------------
 

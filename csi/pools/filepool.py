@@ -24,7 +24,6 @@ from collections.abc import Iterator
 
 from csi.errors import (
     Aborted,
-    AlreadyExists,
     FailedPrecondition,
     NotFound,
     OutOfRange,
@@ -329,17 +328,10 @@ class FilePool(Pool):
     def create_snapshot(
         self, name: str, source_volume_id: str, parameters: dict[str, str]
     ) -> Snapshot:
-        existing = self.find_snapshot(name)
-        if existing is not None:
-            if existing.source_volume_id != source_volume_id:
-                raise AlreadyExists(
-                    f"snapshot {name!r} exists for volume {existing.source_volume_id}, "
-                    f"not {source_volume_id}"
-                )
-            return existing
-        vol = self.get_volume(source_volume_id)
-        if vol is None:
-            raise NotFound(f"source volume {source_volume_id} does not exist")
+        found = self.snapshot_request(name, source_volume_id)
+        if isinstance(found, Snapshot):
+            return found
+        vol = found
         with self.store.mutex:
             reason = self._limit_check(0)
         if reason:

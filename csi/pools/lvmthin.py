@@ -46,7 +46,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from csi.errors import (
-    AlreadyExists,
     CommandFailed,
     FailedPrecondition,
     FlotillaError,
@@ -644,17 +643,10 @@ class LvmThinPool(Pool):
     def create_snapshot(
         self, name: str, source_volume_id: str, parameters: dict[str, str]
     ) -> Snapshot:
-        existing = self.find_snapshot(name)
-        if existing is not None:
-            if existing.source_volume_id != source_volume_id:
-                raise AlreadyExists(
-                    f"snapshot {name!r} exists for volume {existing.source_volume_id}, "
-                    f"not {source_volume_id}"
-                )
-            return existing
-        vol = self.get_volume(source_volume_id)
-        if vol is None:
-            raise NotFound(f"source volume {source_volume_id} does not exist")
+        found = self.snapshot_request(name, source_volume_id)
+        if isinstance(found, Snapshot):
+            return found
+        vol = found
         status = self._status()
         with self._mutex:
             reason = self._limit_check(status, 0)

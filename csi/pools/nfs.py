@@ -34,7 +34,6 @@ import threading
 import time
 
 from csi.errors import (
-    AlreadyExists,
     CommandFailed,
     FailedPrecondition,
     InvalidArgument,
@@ -441,15 +440,10 @@ class NfsPool(Pool):
     def create_snapshot(self, name: str, source_volume_id: str,
                         parameters: dict[str, str]) -> Snapshot:
         self._require_alive()
-        existing = self.find_snapshot(name)
-        if existing is not None:
-            if existing.source_volume_id != source_volume_id:
-                raise AlreadyExists(f"snapshot {name!r} exists for volume "
-                                    f"{existing.source_volume_id}, not {source_volume_id}")
-            return existing
-        vol = self.get_volume(source_volume_id)
-        if vol is None:
-            raise NotFound(f"source volume {source_volume_id} does not exist")
+        found = self.snapshot_request(name, source_volume_id)
+        if isinstance(found, Snapshot):
+            return found
+        vol = found
         self._refuse_if_over(0)
         snap = Snapshot(id=new_id(self.name, "snap"), name=name, pool=self.name,
                         source_volume_id=vol.id, size=vol.size, parameters=dict(parameters))
