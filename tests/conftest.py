@@ -37,9 +37,12 @@ def workdir() -> Iterator[Path]:
 
 def force_clean(path: Path) -> None:
     """Unmount (deepest first) and detach whatever a failed test left under ``path``."""
+    # collect the loop devices first: once their filesystem is lazily unmounted, their
+    # backing paths no longer name ``path`` and they could not be found any more
+    loops = loops_backed_by(str(path))
     for mnt in sorted(mounts_under(str(path)), key=len, reverse=True):
         subprocess.run(["umount", "-l", mnt], check=False, capture_output=True)
-    for loop in loops_backed_by(str(path)):
+    for loop in loops:
         subprocess.run(["losetup", "-d", f"/dev/{loop}"], check=False, capture_output=True)
 
 
