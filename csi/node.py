@@ -73,6 +73,18 @@ def _same_device(m: MountInfo, device: str) -> bool:
     return m.major_minor == f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
 
 
+def _fs_usage(st: os.statvfs_result) -> list[csi_pb2.VolumeUsage]:
+    """Bytes and inodes of a filesystem, as NodeGetVolumeStats reports them."""
+    Unit = csi_pb2.VolumeUsage.Unit
+    return [
+        csi_pb2.VolumeUsage(unit=Unit.BYTES, total=st.f_blocks * st.f_frsize,
+                            available=st.f_bavail * st.f_frsize,
+                            used=(st.f_blocks - st.f_bfree) * st.f_frsize),
+        csi_pb2.VolumeUsage(unit=Unit.INODES, total=st.f_files, available=st.f_favail,
+                            used=st.f_files - st.f_ffree),
+    ]
+
+
 class NodeService(csi_pb2_grpc.NodeServicer):
     def __init__(self, pools: PoolSet, system: System, node_id: str, locks: KeyedTryLock,
                  allowed_roots: list[str], max_volumes: int) -> None:
@@ -340,13 +352,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 volume_condition=csi_pb2.VolumeCondition(
                     abnormal=True, message=f"filesystem unreadable: {err.strerror}"))
         return csi_pb2.NodeGetVolumeStatsResponse(
-            usage=[
-                csi_pb2.VolumeUsage(unit=Unit.BYTES, total=st.f_blocks * st.f_frsize,
-                                    available=st.f_bavail * st.f_frsize,
-                                    used=(st.f_blocks - st.f_bfree) * st.f_frsize),
-                csi_pb2.VolumeUsage(unit=Unit.INODES, total=st.f_files,
-                                    available=st.f_favail, used=st.f_files - st.f_ffree),
-            ],
+            usage=_fs_usage(st),
             volume_condition=condition,
         )
 
@@ -359,15 +365,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             return csi_pb2.NodeGetVolumeStatsResponse(volume_condition=csi_pb2.VolumeCondition(
                 abnormal=True, message=f"{path} does not answer: stale handle or server down"))
         cond = pool.volume_condition(volume_id)
-        Unit = csi_pb2.VolumeUsage.Unit
         return csi_pb2.NodeGetVolumeStatsResponse(
-            usage=[
-                csi_pb2.VolumeUsage(unit=Unit.BYTES, total=st.f_blocks * st.f_frsize,
-                                    available=st.f_bavail * st.f_frsize,
-                                    used=(st.f_blocks - st.f_bfree) * st.f_frsize),
-                csi_pb2.VolumeUsage(unit=Unit.INODES, total=st.f_files,
-                                    available=st.f_favail, used=st.f_files - st.f_ffree),
-            ],
+            usage=_fs_usage(st),
             volume_condition=csi_pb2.VolumeCondition(abnormal=cond.abnormal,
                                                      message=cond.message))
 

@@ -316,12 +316,8 @@ class NfsPool(Pool):
     def get_volume(self, volume_id: str) -> Volume | None:
         """From the index, else from the export: in distributed mode the controller
         creates volumes that a node's pool has not loaded yet."""
-        vol = self.store.volume(volume_id)
-        if vol is None and self.store.uid(volume_id, "vol") is not None \
-                and self.system.path_alive(self.mount_dir):
-            found = self.store.reload("volumes", volume_id)
-            vol = found if isinstance(found, Volume) else None
-        return vol
+        vol = self.store.volume(volume_id) or self._reread("volumes", volume_id)
+        return vol if isinstance(vol, Volume) else None
 
     def find_volume(self, name: str) -> Volume | None:
         return self.store.volume_named(name)
@@ -424,12 +420,15 @@ class NfsPool(Pool):
     # ---- snapshots ------------------------------------------------------------------
 
     def get_snapshot(self, snapshot_id: str) -> Snapshot | None:
-        snap = self.store.snapshot(snapshot_id)
-        if snap is None and self.store.uid(snapshot_id, "snap") is not None \
-                and self.system.path_alive(self.mount_dir):
-            found = self.store.reload("snapshots", snapshot_id)
-            snap = found if isinstance(found, Snapshot) else None
-        return snap
+        snap = self.store.snapshot(snapshot_id) or self._reread("snapshots", snapshot_id)
+        return snap if isinstance(snap, Snapshot) else None
+
+    def _reread(self, kind: str, object_id: str) -> Volume | Snapshot | None:
+        """An object missing from the index, read from the export when it answers."""
+        if self.store.uid(object_id, "vol" if kind == "volumes" else "snap") is None \
+                or not self.system.path_alive(self.mount_dir):
+            return None
+        return self.store.reload(kind, object_id)
 
     def find_snapshot(self, name: str) -> Snapshot | None:
         return self.store.snapshot_named(name)
