@@ -116,7 +116,8 @@ mount -t devpts devpts /newroot/dev/pts
 mount -t tmpfs -o mode=1777 shm /newroot/dev/shm
 mount -t tmpfs -o mode=0755 run /newroot/run
 mkdir -p /newroot/run/lock /newroot/run/lvm
-mount -t tmpfs -o mode=1777 tmp /newroot/tmp
+# /tmp stays the host's, seen through the writable overlay: a tmpfs there would hide a
+# checkout under /tmp (the repository and its .venv must be where the host has them)
 mount --bind /mnt/job /newroot/job
 say "running job (timeout $(arg timeout)s)"
 timeout -s KILL "$(arg timeout)" env -i \
