@@ -7,6 +7,8 @@ person: say what was wrong and what to do about it.
 
 from __future__ import annotations
 
+import errno
+
 import grpc
 
 
@@ -46,6 +48,11 @@ class Unavailable(FlotillaError):
     """A pool or dependency is unusable right now."""
 
 
+class Unimplemented(FlotillaError):
+    """The RPC exists in the CSI spec but this plugin does not serve it (and does not
+    advertise the capability)."""
+
+
 class Internal(FlotillaError):
     """An unexpected failure of a command or the storage underneath."""
 
@@ -74,6 +81,7 @@ STATUS_OF: dict[type[FlotillaError], grpc.StatusCode] = {
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     Aborted: grpc.StatusCode.ABORTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
+    Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
     Internal: grpc.StatusCode.INTERNAL,
 }
 
@@ -85,3 +93,34 @@ def status_code(err: FlotillaError) -> grpc.StatusCode:
         if code is not None:
             return code
     return grpc.StatusCode.INTERNAL
+
+
+#: errno of a failed host call on a caller's path -> the error it is for the caller
+_PATH_ERRORS: dict[int, tuple[type[FlotillaError], str]] = {
+    errno.ENOENT: (NotFound, "does not exist"),
+    errno.ENOTDIR: (InvalidArgument, "has a component that is not a directory"),
+    errno.ELOOP: (InvalidArgument, "is or passes through a symbolic link"),
+    errno.ENAMETOOLONG: (InvalidArgument, "is too long"),
+    errno.EEXIST: (AlreadyExists, "already exists"),
+    errno.EISDIR: (AlreadyExists, "is a directory"),
+    errno.ENOTEMPTY: (FailedPrecondition, "is a directory that is not empty"),
+    errno.EBUSY: (FailedPrecondition, "is busy"),
+    errno.EACCES: (FailedPrecondition, "is not accessible to the plugin (permission denied)"),
+    errno.EPERM: (FailedPrecondition, "is not accessible to the plugin (operation not "
+                                      "permitted)"),
+    errno.EROFS: (FailedPrecondition, "is on a read-only filesystem"),
+    errno.ENOSPC: (ResourceExhausted, "is on a full filesystem"),
+    errno.EXDEV: (InvalidArgument, "is on another filesystem than expected"),
+}
+
+
+def path_error(err: OSError, what: str, path: str) -> FlotillaError:
+    """The typed error for a host call on a caller-supplied path that failed with ``err``.
+
+    A caller can cause these (a path that vanished, a link, a busy mount): they get the
+    status the spec gives, never INTERNAL. Other errno values are genuine faults."""
+    known = _PATH_ERRORS.get(err.errno or 0)
+    if known is None:
+        return Internal(f"{what} {path!r}: {err.strerror or err}")
+    cls, text = known
+    return cls(f"{what} {path!r} {text}")

@@ -14,13 +14,23 @@ import fcntl
 import logging
 import os
 import signal
+import stat
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from csi.errors import CommandFailed, CommandTimeout, FailedPrecondition, InvalidArgument
+from csi.errors import (
+    AlreadyExists,
+    CommandFailed,
+    CommandTimeout,
+    FailedPrecondition,
+    FlotillaError,
+    InvalidArgument,
+    NotFound,
+    path_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +48,9 @@ KILL_GRACE = 5.0
 #: how long a detach may stay pending (device held open elsewhere) before we move on
 LOOP_DETACH_WAIT = 10.0
 TIMEOUT_LVM = 120.0
+#: how long an unmount refused as busy is retried (short-lived references) before the
+#: caller hears FAILED_PRECONDITION
+UMOUNT_BUSY_WAIT = 2.0
 
 #: ``--config`` for every lvm command: no udev synchronisation or udev-made device nodes
 #: (a node container and the test VM have no udev; LVM makes the /dev nodes itself), no
@@ -53,6 +66,38 @@ LVM_LV_FIELDS = (
     "lv_device_open", "lv_suspended", "lv_health_status", "data_percent",
     "metadata_percent", "lv_metadata_size", "lv_kernel_major", "lv_kernel_minor",
 )
+
+
+#: filesystems whose mount points a node path must never be resolved through: touching
+#: them can hang on a dead server
+NETWORK_FSTYPES = ("nfs", "nfs4", "cifs", "smb3", "ceph", "glusterfs", "fuse.")
+
+
+def is_network_fs(fstype: str) -> bool:
+    return fstype in NETWORK_FSTYPES or fstype.startswith(("nfs", "fuse."))
+
+
+@dataclass(frozen=True)
+class NodePath:
+    """A caller's path under an allowed root, resolved without following any symbolic
+    link. Its parent directory is held open (``parent_fd``); the last component is known
+    by ``name`` only and never followed. Every operation on it goes through
+    :class:`System` and acts on exactly this place, whatever is renamed or linked later.
+
+    ``real`` is where it is (the parent's real path + name), as mountinfo spells it."""
+
+    given: str
+    what: str
+    real: str
+    root: str
+    parent_fd: int
+    name: str
+
+    @property
+    def fd_path(self) -> str:
+        """The path through the held parent, valid in this process and in children that
+        inherit ``parent_fd`` (see :meth:`System.run`'s ``fds``)."""
+        return f"/proc/self/fd/{self.parent_fd}/{self.name}"
 
 
 @dataclass(frozen=True)
@@ -112,6 +157,17 @@ def parse_mountinfo(text: str) -> list[MountInfo]:
     return result
 
 
+def _kind(mode: int) -> str:
+    """What a file is, for messages."""
+    for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISREG, "a regular file"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISCHR, "a character device")):
+        if test(mode):
+            return name
+    return "missing" if mode == 0 else "an unknown kind of file"
+
+
 def parse_size(value: str | int) -> int:
     """Parse ``10Gi``, ``512Mi``, ``1G``, ``4096`` into bytes."""
     if isinstance(value, int):
@@ -156,11 +212,14 @@ class System:
         timeout: float = TIMEOUT_SHORT,
         check: bool = True,
         input_text: str | None = None,
+        fds: Sequence[int] = (),
     ) -> subprocess.CompletedProcess[str]:
-        """Run a command in its own process group; kill the group on timeout."""
+        """Run a command in its own process group; kill the group on timeout. ``fds``
+        are inherited by the command under the same numbers (``/proc/self/fd/N``)."""
         args = [str(a) for a in argv]
         proc = subprocess.Popen(
             args,
+            pass_fds=tuple(fds),
             stdin=subprocess.PIPE if input_text is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -195,82 +254,363 @@ class System:
         with open(os.path.join(self.proc_root, "self/mountinfo")) as f:
             return parse_mountinfo(f.read())
 
-    def mount_at(self, path: str) -> MountInfo | None:
+    def mount_at(self, path: str | NodePath) -> MountInfo | None:
         """The top-most mount whose mount point is exactly ``path``.
 
         Only the parent is resolved: touching ``path`` itself could hang on a mount of a
         dead NFS server."""
-        norm = os.path.normpath(path)
-        real = os.path.join(os.path.realpath(os.path.dirname(norm)), os.path.basename(norm))
+        if isinstance(path, NodePath):
+            real = path.real
+        else:
+            norm = os.path.normpath(path)
+            real = os.path.join(os.path.realpath(os.path.dirname(norm)),
+                                os.path.basename(norm))
         found = None
         for m in self.mounts():
             if m.mount_point == real:
                 found = m
         return found
 
+    def mounts_below(self, path: NodePath) -> list[MountInfo]:
+        """Mounts strictly inside ``path`` (a directory)."""
+        prefix = path.real.rstrip("/") + "/"
+        return [m for m in self.mounts() if m.mount_point.startswith(prefix)]
+
+    def mounts_above(self, path: NodePath) -> list[MountInfo]:
+        """Mounts on the directories between ``path``'s root and ``path`` (both left out)."""
+        inner = {os.path.dirname(path.real)}
+        d = os.path.dirname(path.real)
+        while d.startswith(path.root.rstrip("/") + "/"):
+            inner.add(d)
+            d = os.path.dirname(d)
+        inner.discard(path.root)
+        return [m for m in self.mounts() if m.mount_point in inner]
+
+    def is_mount_of(self, m: MountInfo, device: str) -> bool:
+        """Is ``m`` a mount of ``device`` (a filesystem on it, or a bind of its node)?
+
+        Names differ for device-mapper devices: mount(8) turns ``/dev/dm-3`` into
+        ``/dev/mapper/<name>`` (as a filesystem's source and as the node it binds), so
+        device numbers decide."""
+        if m.source == device:
+            return True
+        if m.fstype == "devtmpfs" and m.root == "/" + os.path.basename(device):
+            return True
+        try:
+            st = os.stat(device)
+            if not stat.S_ISBLK(st.st_mode):
+                return False
+            if m.fstype == "devtmpfs":  # a bind of a device node: the target is that node
+                bound = os.stat(m.mount_point)
+                return stat.S_ISBLK(bound.st_mode) and bound.st_rdev == st.st_rdev
+        except OSError:
+            return False
+        return m.major_minor == f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+
+    @contextlib.contextmanager
+    def _fd_paths(self, *paths: str | NodePath) -> Iterator[tuple[list[str], list[int]]]:
+        """Names for a command: a NodePath becomes ``/proc/self/fd/N`` of a descriptor
+        opened (without following a link) on exactly the checked place; what is mounted
+        there already is crossed into, as the kernel does for any path."""
+        names: list[str] = []
+        fds: list[int] = []
+        try:
+            for p in paths:
+                if isinstance(p, NodePath):
+                    fd = self._open_final(p)
+                    fds.append(fd)
+                    names.append(f"/proc/self/fd/{fd}")
+                else:
+                    names.append(p)
+            yield names, fds
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _open_final(self, p: NodePath) -> int:
+        try:
+            fd = os.open(p.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=p.parent_fd)
+        except OSError as err:
+            raise path_error(err, p.what, p.given) from None
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            os.close(fd)
+            raise InvalidArgument(f"{p.what} {p.given!r} is {_kind(mode)}; a volume is "
+                                  "mounted on a directory or a regular file")
+        return fd
+
     def mount(
         self,
         source: str,
-        target: str,
+        target: str | NodePath,
         fstype: str | None = None,
         options: Sequence[str] = (),
         timeout: float = TIMEOUT_MOUNT,
     ) -> None:
-        argv = ["mount"]
+        argv = ["mount", "--no-canonicalize"]
         if fstype:
             argv += ["-t", fstype]
         opts = [o for o in options if o]
         if opts:
             argv += ["-o", ",".join(opts)]
-        argv += [source, target]
-        self.run(argv, timeout=timeout)
+        with self._fd_paths(target) as (names, fds):
+            self.run([*argv, source, *names], timeout=timeout, fds=fds)
 
     def bind_mount(
-        self, source: str, target: str, readonly: bool = False, options: Sequence[str] = ()
+        self, source: str | NodePath, target: str | NodePath, readonly: bool = False,
+        options: Sequence[str] = ()
     ) -> None:
         """Bind ``source`` onto ``target``; read-only binds need a remount in the kernel."""
-        self.run(["mount", "--bind", source, target], timeout=TIMEOUT_MOUNT)
+        with self._fd_paths(source, target) as (names, fds):
+            self.run(["mount", "--no-canonicalize", "--bind", *names], timeout=TIMEOUT_MOUNT,
+                     fds=fds)
         extra = [o for o in options if o and o not in ("bind", "rw", "ro")]
         if readonly or extra:
             opts = ["remount", "bind", "ro" if readonly else "rw", *extra]
             try:
-                self.run(["mount", "-o", ",".join(opts), target], timeout=TIMEOUT_MOUNT)
+                # reached afresh: the bind now sits on top of what was the target
+                with self._fd_paths(target) as (names, fds):
+                    self.run(["mount", "--no-canonicalize", "-o", ",".join(opts), *names],
+                             timeout=TIMEOUT_MOUNT, fds=fds)
             except CommandFailed:
                 self.umount(target)
                 raise
 
-    def umount(self, target: str, timeout: float = TIMEOUT_MOUNT) -> None:
-        self.run(["umount", target], timeout=timeout)
+    def _umount_argv(self, target: str | NodePath) -> tuple[str, list[int]]:
+        if isinstance(target, NodePath):
+            return target.fd_path, [target.parent_fd]
+        return target, []
 
-    def umount_network(self, target: str, timeout: float = 10.0) -> None:
+    def umount(self, target: str | NodePath, timeout: float = TIMEOUT_MOUNT) -> None:
+        """Unmount the top-most mount at ``target``. A NodePath is unmounted through its
+        held parent, so a link put in its place cannot redirect the unmount."""
+        name, fds = self._umount_argv(target)
+        deadline = time.monotonic() + UMOUNT_BUSY_WAIT
+        while True:
+            try:
+                self.run(["umount", "--no-canonicalize", name], timeout=timeout, fds=fds)
+                return
+            except CommandFailed as err:
+                if "busy" not in err.stderr or isinstance(err, CommandTimeout):
+                    raise
+                # a lookup in flight (kubelet's stats beside its unpublish) holds the mount
+                # for an instant; a process inside it or a mount below it does not go away
+                if time.monotonic() > deadline:
+                    raise FailedPrecondition(
+                        f"{getattr(target, 'given', target)} is busy: a process or a "
+                        "mount below it still uses it") from None
+                time.sleep(0.05)
+
+    def umount_network(self, target: str | NodePath, timeout: float = 10.0) -> None:
         """Unmount a network filesystem; a dead server gets a forced, then lazy, unmount
         instead of a hang."""
         try:
             self.umount(target, timeout=timeout)
-        except CommandFailed as err:
-            log.warning("umount %s failed (%s); forcing a lazy unmount", target, err)
-            self.run(["umount", "-f", "-l", target], timeout=timeout)
+        except (CommandFailed, FailedPrecondition) as err:
+            log.warning("umount %s failed (%s); forcing a lazy unmount",
+                        getattr(target, "given", target), err)
+            name, fds = self._umount_argv(target)
+            self.run(["umount", "--no-canonicalize", "-f", "-l", name], timeout=timeout,
+                     fds=fds)
 
-    def path_alive(self, path: str, timeout: float = 5.0) -> bool:
+    def path_alive(self, path: str | NodePath, timeout: float = 5.0) -> bool:
         """Does ``path`` answer (statfs) within ``timeout``? False for a stale NFS handle
         or a server that does not respond; asked from a child that is killed on expiry,
         so a hung server never blocks the caller."""
+        name, fds = self._umount_argv(path)
         try:
-            self.run(["stat", "-f", "--", path], timeout=timeout)
+            self.run(["stat", "-f", "--", name], timeout=timeout, fds=fds)
         except CommandFailed:
             return False
         return True
 
-    def statfs(self, path: str, timeout: float = 5.0) -> os.statvfs_result | None:
+    def statfs(self, path: str | NodePath, timeout: float = 5.0) -> os.statvfs_result | None:
         """statvfs() of ``path`` from a child with a timeout (None: no answer)."""
+        name, fds = self._umount_argv(path)
         try:
-            out = self.run(["stat", "-f", "--format", "%b %f %a %S %c %d", "--", path],
-                           timeout=timeout).stdout.split()
+            out = self.run(["stat", "-f", "--format", "%b %f %a %S %c %d", "--", name],
+                           timeout=timeout, fds=fds).stdout.split()
         except CommandFailed:
             return None
         blocks, bfree, bavail, bsize, files, ffree = (int(x) for x in out)
         return os.statvfs_result((bsize, bsize, blocks, bfree, bavail, files, ffree, ffree,
                                   0, 255, 0))
+
+    # ---- node paths: caller-supplied, resolved beneath a root, links never followed ----
+
+    @contextlib.contextmanager
+    def node_path(self, path: str, roots: Sequence[str], what: str,
+                  create_parents: bool = False) -> Iterator[NodePath]:
+        """Resolve ``path`` (already checked by :func:`csi.validation.check_path`) under
+        the allowed root it names, one component at a time from the root's real
+        directory, refusing every symbolic link and never entering a network
+        filesystem's mount. Missing directories are created when ``create_parents``, and
+        removed again when the body raises (a refused call changes nothing).
+
+        Raises: InvalidArgument (outside the roots, a link, not a directory, inside a
+        network mount), NotFound (a missing directory)."""
+        norm = os.path.normpath(path)
+        root_real, rel = self._root_of(norm, roots, what)
+        if not rel:
+            raise InvalidArgument(f"{what} {path!r} is an allowed root itself; it must be "
+                                  "a path below it")
+        parts = rel.split("/")
+        network = {m.mount_point: m for m in self.mounts() if is_network_fs(m.fstype)}
+        created: list[tuple[int, str]] = []  # (a held parent, the directory made in it)
+        fd = os.open(root_real, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        here = root_real
+        try:
+            for part in parts[:-1]:
+                here = os.path.join(here, part)
+                if here in network:
+                    raise InvalidArgument(
+                        f"{what} {path!r} is inside the {network[here].fstype} mount at "
+                        f"{here}; node paths must not be inside a network filesystem")
+                nxt, made = self._open_dir(fd, part, here, path, what, create_parents)
+                if made:
+                    created.append((os.dup(fd), part))
+                os.close(fd)
+                fd = nxt
+            try:
+                yield NodePath(path, what, os.path.join(here, parts[-1]), root_real, fd,
+                               parts[-1])
+            except BaseException:
+                for parent, name in reversed(created):
+                    with contextlib.suppress(OSError):  # no longer empty: keep it
+                        os.rmdir(name, dir_fd=parent)
+                raise
+        finally:
+            os.close(fd)
+            for parent, _ in created:
+                os.close(parent)
+
+    @staticmethod
+    def _root_of(norm: str, roots: Sequence[str], what: str) -> tuple[str, str]:
+        for root in roots:
+            real = os.path.realpath(root)
+            for spelling in dict.fromkeys((os.path.normpath(root), real)):
+                base = spelling.rstrip("/")
+                if norm == spelling or norm.startswith(base + "/"):
+                    return real, norm[len(base):].strip("/")
+        raise InvalidArgument(
+            f"{what} {norm!r} is outside the allowed roots ({', '.join(roots)}); "
+            "add its root to allowed_roots in the pool config")
+
+    @staticmethod
+    def _open_dir(fd: int, part: str, here: str, path: str, what: str,
+                  create: bool) -> tuple[int, bool]:
+        """Open the directory ``part`` in ``fd`` without following a link; returns the
+        descriptor and whether this call created the directory."""
+        flags = os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC
+        made = False
+        for attempt in (0, 1):
+            try:
+                return os.open(part, flags, dir_fd=fd), made
+            except FileNotFoundError:
+                if not create or attempt:
+                    raise NotFound(f"{what} {path!r}: directory {here} does not "
+                                   "exist") from None
+                try:
+                    os.mkdir(part, 0o750, dir_fd=fd)
+                    made = True
+                except FileExistsError:
+                    pass
+                except OSError as err:
+                    raise path_error(err, what, path) from None
+            except NotADirectoryError:
+                try:
+                    mode = os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode
+                except OSError:
+                    mode = 0
+                if stat.S_ISLNK(mode):
+                    raise InvalidArgument(
+                        f"{what} {path!r} passes through the symbolic link {here}; "
+                        "Flotilla follows no links in node paths") from None
+                raise InvalidArgument(f"{what} {path!r}: {here} is {_kind(mode)}, not a "
+                                      "directory") from None
+            except OSError as err:
+                raise path_error(err, what, path) from None
+        raise AssertionError("unreachable")
+
+    def lstat(self, p: NodePath) -> os.stat_result | None:
+        """The last component itself (a link is not followed); None when it is missing.
+        Do not call it on a network mount point (it could hang): check mount_at first."""
+        try:
+            return os.stat(p.name, dir_fd=p.parent_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            raise path_error(err, p.what, p.given) from None
+
+    def make_dir(self, p: NodePath) -> None:
+        """Create the last component as a directory, or accept an existing directory."""
+        try:
+            os.mkdir(p.name, 0o750, dir_fd=p.parent_fd)
+        except FileExistsError:
+            self.require_kind(p, stat.S_ISDIR, "a directory")
+        except OSError as err:
+            raise path_error(err, p.what, p.given) from None
+
+    def make_file(self, p: NodePath) -> None:
+        """Create the last component as an empty regular file, or accept an existing one.
+        Never opens anything that exists (a FIFO would block, a link would be followed)."""
+        try:
+            fd = os.open(p.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_NONBLOCK | os.O_CLOEXEC, 0o640, dir_fd=p.parent_fd)
+            os.close(fd)
+        except FileExistsError:
+            self.require_kind(p, stat.S_ISREG, "a regular file")
+        except OSError as err:
+            raise path_error(err, p.what, p.given) from None
+
+    def require_kind(self, p: NodePath, test: Callable[[int], bool], want: str) -> None:
+        st = self.lstat(p)
+        if st is None:
+            raise NotFound(f"{p.what} {p.given!r} does not exist")
+        if not test(st.st_mode):
+            cls: type[FlotillaError] = InvalidArgument if stat.S_ISLNK(st.st_mode) \
+                else AlreadyExists
+            raise cls(f"{p.what} {p.given!r} is {_kind(st.st_mode)}; it must be {want}")
+
+    def remove(self, p: NodePath) -> None:
+        """Remove the last component (an empty directory, a file, a link itself); a
+        missing one is fine."""
+        st = self.lstat(p)
+        if st is None:
+            return
+        try:
+            if stat.S_ISDIR(st.st_mode):
+                os.rmdir(p.name, dir_fd=p.parent_fd)
+            else:
+                os.unlink(p.name, dir_fd=p.parent_fd)
+        except FileNotFoundError:
+            return
+        except OSError as err:
+            raise path_error(err, p.what, p.given) from None
+
+    def fstatvfs(self, p: NodePath) -> os.statvfs_result:
+        """statvfs of what is at ``p`` (a local mount; never a link's target). Holds no
+        descriptor on it beyond the call, so an unmount beside it is not refused as busy."""
+        st = self.lstat(p)
+        if st is None:
+            raise NotFound(f"{p.what} {p.given!r} does not exist")
+        if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+            raise InvalidArgument(f"{p.what} {p.given!r} is {_kind(st.st_mode)}; a volume "
+                                  "is mounted on a directory or a regular file")
+        try:
+            return os.statvfs(p.fd_path)
+        except OSError as err:
+            raise path_error(err, p.what, p.given) from None
+
+    def list_dir(self, p: NodePath) -> list[str]:
+        """Names in the directory at ``p``. Raises OSError as the kernel gives it (EIO on
+        a broken filesystem is the caller's to interpret)."""
+        fd = os.open(p.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK
+                     | os.O_CLOEXEC, dir_fd=p.parent_fd)
+        try:
+            return os.listdir(fd)
+        finally:
+            os.close(fd)
 
     # ---- loop devices ---------------------------------------------------------------
 

@@ -12,6 +12,8 @@ from csi.errors import InvalidArgument, OutOfRange
 
 MAX_NAME_BYTES = 128  # the spec's size limit for names, ids and keys
 MAX_PATH_BYTES = 4096
+#: NAME_MAX of Linux filesystems: a longer component can name nothing
+MAX_COMPONENT_BYTES = 255
 #: the largest volume anyone may ask for (1 PiB); above it a size is treated as a mistake
 MAX_VOLUME_BYTES = 1 << 50
 FS_TYPES = ("ext4", "xfs")
@@ -58,7 +60,9 @@ def check_id(object_id: str, what: str = "volume_id") -> None:
 
 
 def check_path(path: str, roots: Sequence[str], what: str) -> str:
-    """An absolute path, without '..', inside one of the allowed roots."""
+    """An absolute path, without '..', control characters or over-long components, that
+    names a place inside one of the allowed roots (lexically: ``roots`` lists each root as
+    configured and as its real path)."""
     if not path:
         raise InvalidArgument(f"{what} is required")
     if len(path.encode()) > MAX_PATH_BYTES:
@@ -68,13 +72,15 @@ def check_path(path: str, roots: Sequence[str], what: str) -> str:
         raise InvalidArgument(f"{what} {path!r} must be an absolute path")
     if ".." in path.split("/"):
         raise InvalidArgument(f"{what} {path!r} must not contain '..'")
+    long = [c for c in path.split("/") if len(c.encode()) > MAX_COMPONENT_BYTES]
+    if long:
+        raise InvalidArgument(f"{what} has a component of {len(long[0].encode())} bytes; "
+                              f"the limit is {MAX_COMPONENT_BYTES}")
     norm = os.path.normpath(path)
-    # resolve symlinks in the parent so a link cannot lead outside the roots
-    parent = os.path.realpath(os.path.dirname(norm))
-    real = os.path.join(parent, os.path.basename(norm))
+    # lexical only: links are refused where the path is resolved (System.node_path)
     for root in roots:
-        root_real = os.path.realpath(root)
-        if real == root_real or real.startswith(root_real.rstrip("/") + "/"):
+        base = os.path.normpath(root).rstrip("/")
+        if norm == base or norm.startswith(base + "/"):
             return norm
     raise InvalidArgument(
         f"{what} {path!r} is outside the allowed roots ({', '.join(roots)}); "
@@ -145,12 +151,30 @@ def read_capabilities(
     return CapabilitySet(block, mount, fs_type, tuple(flags), frozenset(modes))
 
 
+#: options mount(8) itself acts on: they would change what is mounted where (a bind, a
+#: move, a loop device, propagation, owner or mode changes of the target), not how
+REFUSED_MOUNT_OPTIONS = frozenset({
+    "bind", "rbind", "move", "remount", "loop", "offset", "sizelimit", "encryption",
+    "helper", "uhelper", "user", "users", "owner", "group",
+    "shared", "rshared", "slave", "rslave", "private", "rprivate", "unbindable",
+    "runbindable",
+})
+REFUSED_MOUNT_PREFIXES = ("make-", "x-mount.", "x-", "comment=")
+
+
 def check_mount_flag(flag: str) -> None:
     _printable(flag, "mount flag")
     if not flag.strip(", "):
         raise InvalidArgument(f"mount flag {flag!r} is empty")
     if len(flag) > 256:
         raise InvalidArgument("mount flag is longer than 256 characters")
+    for option in flag.split(","):
+        key = option.strip().split("=", 1)[0].lower()
+        if key in REFUSED_MOUNT_OPTIONS or option.strip().lower().startswith(
+                REFUSED_MOUNT_PREFIXES):
+            raise InvalidArgument(f"mount flag {option.strip()!r} is not allowed: it changes "
+                                  "what the driver mounts where; use filesystem options "
+                                  "such as noatime or discard")
 
 
 def resolve_size(
