@@ -11,7 +11,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from csi import TOPOLOGY_KEY
 from csi._proto import csi_pb2, csi_pb2_grpc
-from csi.errors import Aborted, AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from csi.errors import (
+    Aborted,
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unimplemented,
+)
 from csi.locks import KeyedTryLock
 from csi.pools import PoolSet
 from csi.pools.base import Pool, Snapshot, Source, Volume, VolumeRequest, parse_id
@@ -305,6 +312,26 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         resp.maximum_volume_size.value = cap.available
         resp.minimum_volume_size.value = pool.granularity
         return resp
+
+    # ---- RPCs Flotilla does not serve (their capabilities are not advertised) ---------
+
+    def ControllerPublishVolume(
+        self, request: csi_pb2.ControllerPublishVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ControllerPublishVolumeResponse:
+        raise Unimplemented("ControllerPublishVolume is not served: Flotilla volumes need no "
+                            "attach step (PUBLISH_UNPUBLISH_VOLUME is not advertised)")
+
+    def ControllerUnpublishVolume(
+        self, request: csi_pb2.ControllerUnpublishVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ControllerUnpublishVolumeResponse:
+        raise Unimplemented("ControllerUnpublishVolume is not served: Flotilla volumes need "
+                            "no attach step (PUBLISH_UNPUBLISH_VOLUME is not advertised)")
+
+    def ControllerModifyVolume(
+        self, request: csi_pb2.ControllerModifyVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ControllerModifyVolumeResponse:
+        raise Unimplemented("ControllerModifyVolume is not served: Flotilla has no mutable "
+                            "volume parameters (MODIFY_VOLUME is not advertised)")
 
     def ControllerGetCapabilities(
         self, request: csi_pb2.ControllerGetCapabilitiesRequest, context: grpc.ServicerContext

@@ -24,7 +24,7 @@ from csi._proto import csi_pb2_grpc
 from csi.backup.manager import BackupManager, build_targets
 from csi.config import DEFAULT_STATE_DIR, Config, load_config
 from csi.controller import ControllerService
-from csi.errors import FlotillaError, status_code
+from csi.errors import FlotillaError, InvalidArgument, status_code
 from csi.identity import IdentityService
 from csi.kube.agent import NodeAgent
 from csi.kube.controller import DistributedControllerService
@@ -44,6 +44,29 @@ LOGGED_FIELDS = ("name", "volume_id", "snapshot_id", "source_volume_id", "stagin
 MUTED_METHODS = frozenset({"Probe", "NodeGetCapabilities", "GetPluginInfo",
                            "GetPluginCapabilities", "ControllerGetCapabilities"})
 DRAIN_SECONDS = 60.0
+
+
+#: characters a text log line must not carry raw: each event stays one line whatever a
+#: caller put into a name or path (log injection)
+_LINE_ESCAPES = {i: f"\\x{i:02x}" for i in (*range(32), 0x7F, 0x85)} | {
+    ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t",
+    0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+class TextFormatter(logging.Formatter):
+    """The text format, one line per event: control characters are escaped (a
+    traceback too stays on its line)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).translate(_LINE_ESCAPES)
+
+
+def logfmt_value(value: str) -> str:
+    """A field value as it appears in a text log line: quoted when it has spaces, quotes,
+    '=' or control characters, so ``k=v`` pairs cannot be forged."""
+    if value and not any(c in value for c in ' "=\\') and value.isprintable():
+        return value
+    return json.dumps(value)
 
 
 class JsonFormatter(logging.Formatter):
@@ -67,7 +90,7 @@ def setup_logging(fmt: str, level: str = "INFO") -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -80,6 +103,27 @@ def request_fields(request: Any) -> dict[str, str]:
         if isinstance(value, str) and value:
             fields[name] = value
     return fields
+
+
+class Undecodable:
+    """What the request deserializer gives for bytes that are not the method's message:
+    the call answers INVALID_ARGUMENT (a raising deserializer makes grpcio answer
+    INTERNAL and keep memory for every such request)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def safe_deserializer(parse: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        if parse is None:
+            return data
+        try:
+            return parse(data)
+        except Exception as err:  # DecodeError, or anything the parser raises on bad bytes
+            return Undecodable(type(err).__name__)
+
+    return deserialize
 
 
 if TYPE_CHECKING:
@@ -115,6 +159,9 @@ class RpcInterceptor(InterceptorBase):
             with self._lock:
                 self.in_flight += 1
             try:
+                if isinstance(request, Undecodable):
+                    raise InvalidArgument(f"the request body is not a valid {method} "
+                                          f"request message ({request.reason})")
                 return inner(request, context)
             except FlotillaError as err:
                 code, message = status_code(err), str(err)
@@ -139,12 +186,12 @@ class RpcInterceptor(InterceptorBase):
                 level = logging.DEBUG if method in MUTED_METHODS and code == grpc.StatusCode.OK \
                     else logging.INFO
                 log.log(level, "%s %s %s", method, code.name,
-                        " ".join(f"{k}={v}" for k, v in fields.items()),
+                        " ".join(f"{k}={logfmt_value(v)}" for k, v in fields.items()),
                         extra={"fields": {"method": method, "code": code.name, **fields}})
 
         return grpc.unary_unary_rpc_method_handler(
             call,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=safe_deserializer(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
 
@@ -239,7 +286,11 @@ class Driver:
             csi_pb2_grpc.add_ControllerServicer_to_server(
                 service(self.pools, self.args.node_id, locks, self.backups), server)
         if mode in ("all", "node"):
-            roots = [*self.config.allowed_roots, os.path.abspath(self.args.state_dir)]
+            configured = [*self.config.allowed_roots, os.path.abspath(self.args.state_dir)]
+            # each root as configured and as its real path (kubelet names paths by the
+            # configured spelling; links below a root are refused, never followed)
+            roots = list(dict.fromkeys(r for root in configured
+                                       for r in (root, os.path.realpath(root))))
             csi_pb2_grpc.add_NodeServicer_to_server(
                 NodeService(self.pools, self.system, self.args.node_id, locks, roots,
                             self.config.max_volumes_per_node), server)
