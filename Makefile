@@ -46,6 +46,11 @@ integration: ## tests/integration: real loop devices, filesystems and mounts (ro
 sanity: ## tests/sanity: the official csi-sanity against flotilla --mode all (root)
 	$(PYTEST) tests/sanity
 
+.PHONY: test-hostile
+test-hostile: setup ## hostile input at length: 10,000 property-based examples per test, 1,000 undecodable bodies per RPC (root; ~30 min)
+	FLOTILLA_HOSTILE_EXAMPLES=10000 FLOTILLA_HOSTILE_UNDECODABLE=1000 $(PYTEST) -s \
+		--timeout 10800 tests/reliability/test_hostile.py tests/reliability/test_hostile_node.py
+
 .PHONY: test
 test: setup-test lint typecheck ## everything CI runs: lint, types and every test tier
 	$(PYTEST) tests

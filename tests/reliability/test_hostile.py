@@ -5,6 +5,7 @@ serving."""
 from __future__ import annotations
 
 import os
+import socket
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -215,11 +216,43 @@ def test_controller_calls_on_ids(live: tuple[CSIClient, Rig, dict[str, str]]) ->
     run()
 
 
-def test_node_calls(live: tuple[CSIClient, Rig, dict[str, str]]) -> None:
+@pytest.fixture
+def hazards(rig: Rig) -> Iterator[list[str]]:
+    """Links (absolute, relative, dangling, a loop, into the staging path) and special
+    files in the allowed root, and a directory beside the root that must never change."""
+    outside = rig.workdir / "outside"
+    outside.mkdir()
+    (outside / "secret").write_text("untouched")
+    pods = rig.root / "pods"
+    pods.mkdir()
+    for name, to in [("link-abs", str(outside)), ("link-rel", "../../outside"),
+                     ("link-dangling", str(outside / "new")), ("link-loop", "link-loop2"),
+                     ("link-loop2", "link-loop"), ("link-staging", str(rig.root / "staging")),
+                     ("link-file", str(outside / "secret"))]:
+        (pods / name).symlink_to(to)
+    os.mkfifo(pods / "fifo")
+    (pods / "file").write_text("")
+    (pods / "dir").mkdir()
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(pods / "sock"))
+    names = sorted(p.name for p in pods.iterdir())
+    try:
+        yield [str(pods / n) for n in names] + [str(pods / n / "x") for n in names] + \
+            [f"/proc/1/root{pods}/dir", f"/proc/self/root{pods}/dir"]
+    finally:
+        sock.close()
+    assert sorted(p.name for p in outside.iterdir()) == ["secret"]
+    assert (outside / "secret").read_text() == "untouched"
+    assert not mounts_under(str(outside))
+
+
+def test_node_calls(live: tuple[CSIClient, Rig, dict[str, str]], hazards: list[str]) -> None:
     c, rig, real = live
     node = c.node
     inside = st.builds(lambda s: str(rig.root / "pods") + "/" + s, text)
-    paths = st.one_of(text, inside, st.just(real["staging"]))
+    paths = st.one_of(text, inside, st.just(real["staging"]), st.sampled_from(hazards),
+                      st.builds(lambda s: real["staging"] + "/" + s, st.sampled_from(
+                          ["x", "lost+found", "a/b"])))
 
     @SETTINGS
     @given(vid=ids(real, "vol"), staging=paths, target=paths, cap=st.one_of(
@@ -247,7 +280,7 @@ def test_node_calls(live: tuple[CSIClient, Rig, dict[str, str]]) -> None:
                   volume_id=vid, target_path=target)))
         if target != real["staging"]:
             check(rig, lambda: node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
-                volume_id=vid, target_path=target)), {IA, NF})
+                volume_id=vid, target_path=target)), {IA, NF, FP})
         check(rig, lambda: node.NodeGetVolumeStats(csi_pb2.NodeGetVolumeStatsRequest(
             volume_id=vid, volume_path=target)), {IA, NF})
         check(rig, lambda: node.NodeExpandVolume(csi_pb2.NodeExpandVolumeRequest(
