@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import grp
 import json
 import logging
@@ -353,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start: %s", err)
         return 2
     stopping = threading.Event()
+    # SIGUSR1 writes every thread's stack to stderr: what a stuck driver is waiting for
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("received %s: draining in-flight calls", signal.Signals(signum).name)

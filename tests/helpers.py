@@ -154,9 +154,13 @@ class DriverProcess:
         try:
             code = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGUSR1)  # its threads' stacks go to the log
+            time.sleep(1)
             self.proc.kill()
             self.proc.wait()
             code = -9
+            sys.stderr.write(f"flotilla ignored SIGTERM for {timeout:.0f}s; log tail:\n"
+                             f"{self.log.read_text()[-6000:]}\n")
         self._close()
         return code
 
