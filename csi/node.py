@@ -211,7 +211,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             return csi_pb2.NodeStageVolumeResponse()  # mounted at publish
         with self.locks.hold(request.volume_id):
             if caps.block:
-                pool.attach(request.volume_id)
+                # the staging path is not used, but it is checked as unstage will check it
+                with self._path_if_there(request.staging_target_path, "staging_target_path"):
+                    pool.attach(request.volume_id)
                 return csi_pb2.NodeStageVolumeResponse()
             fs_type = self._fs_type(caps, dict(request.volume_context))
             with self._path(request.staging_target_path, "staging_target_path",

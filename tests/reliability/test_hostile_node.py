@@ -211,6 +211,10 @@ def test_a_link_on_the_way_is_refused(node: Node, arg: str) -> None:
         return node.c.node.NodePublishVolume(publish_req(node.vol, node.staging, path))
 
     unchanged(node, call, C.INVALID_ARGUMENT, "passes through the symbolic link")
+    # a raw block stage does not use its staging path, but checks it as unstage does
+    unchanged(node, lambda: node.c.node.NodeStageVolume(
+        stage_req(node.blk, path, block_cap())), C.INVALID_ARGUMENT,
+        "passes through the symbolic link")
     unchanged(node, lambda: node.c.node.NodePublishVolume(
         publish_req(node.vol, path, node.pods / "t")), C.INVALID_ARGUMENT,
         "passes through the symbolic link")
