@@ -70,7 +70,7 @@ LVM_LV_FIELDS = (
 
 #: filesystems whose mount points a node path must never be resolved through: touching
 #: them can hang on a dead server
-NETWORK_FSTYPES = ("nfs", "nfs4", "cifs", "smb3", "ceph", "glusterfs", "fuse.")
+NETWORK_FSTYPES = ("cifs", "smb3", "ceph", "glusterfs")
 
 
 def is_network_fs(fstype: str) -> bool:
@@ -166,6 +166,13 @@ def _kind(mode: int) -> str:
         if test(mode):
             return name
     return "missing" if mode == 0 else "an unknown kind of file"
+
+
+def _require_mountable(p: NodePath, mode: int) -> None:
+    """What is at ``p`` can carry a mount: a directory, a file (or a bound device node)."""
+    if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        raise InvalidArgument(f"{p.what} {p.given!r} is {_kind(mode)}; a volume is "
+                              "mounted on a directory or a regular file")
 
 
 def parse_size(value: str | int) -> int:
@@ -332,11 +339,11 @@ class System:
             fd = os.open(p.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=p.parent_fd)
         except OSError as err:
             raise path_error(err, p.what, p.given) from None
-        mode = os.fstat(fd).st_mode
-        if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        try:
+            _require_mountable(p, os.fstat(fd).st_mode)
+        except InvalidArgument:
             os.close(fd)
-            raise InvalidArgument(f"{p.what} {p.given!r} is {_kind(mode)}; a volume is "
-                                  "mounted on a directory or a regular file")
+            raise
         return fd
 
     def mount(
@@ -376,7 +383,7 @@ class System:
                 self.umount(target)
                 raise
 
-    def _umount_argv(self, target: str | NodePath) -> tuple[str, list[int]]:
+    def _held_path(self, target: str | NodePath) -> tuple[str, list[int]]:
         if isinstance(target, NodePath):
             return target.fd_path, [target.parent_fd]
         return target, []
@@ -384,7 +391,7 @@ class System:
     def umount(self, target: str | NodePath, timeout: float = TIMEOUT_MOUNT) -> None:
         """Unmount the top-most mount at ``target``. A NodePath is unmounted through its
         held parent, so a link put in its place cannot redirect the unmount."""
-        name, fds = self._umount_argv(target)
+        name, fds = self._held_path(target)
         deadline = time.monotonic() + UMOUNT_BUSY_WAIT
         while True:
             try:
@@ -409,7 +416,7 @@ class System:
         except (CommandFailed, FailedPrecondition) as err:
             log.warning("umount %s failed (%s); forcing a lazy unmount",
                         getattr(target, "given", target), err)
-            name, fds = self._umount_argv(target)
+            name, fds = self._held_path(target)
             self.run(["umount", "--no-canonicalize", "-f", "-l", name], timeout=timeout,
                      fds=fds)
 
@@ -417,7 +424,7 @@ class System:
         """Does ``path`` answer (statfs) within ``timeout``? False for a stale NFS handle
         or a server that does not respond; asked from a child that is killed on expiry,
         so a hung server never blocks the caller."""
-        name, fds = self._umount_argv(path)
+        name, fds = self._held_path(path)
         try:
             self.run(["stat", "-f", "--", name], timeout=timeout, fds=fds)
         except CommandFailed:
@@ -426,7 +433,7 @@ class System:
 
     def statfs(self, path: str | NodePath, timeout: float = 5.0) -> os.statvfs_result | None:
         """statvfs() of ``path`` from a child with a timeout (None: no answer)."""
-        name, fds = self._umount_argv(path)
+        name, fds = self._held_path(path)
         try:
             out = self.run(["stat", "-f", "--format", "%b %f %a %S %c %d", "--", name],
                            timeout=timeout, fds=fds).stdout.split()
@@ -594,9 +601,7 @@ class System:
         st = self.lstat(p)
         if st is None:
             raise NotFound(f"{p.what} {p.given!r} does not exist")
-        if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
-            raise InvalidArgument(f"{p.what} {p.given!r} is {_kind(st.st_mode)}; a volume "
-                                  "is mounted on a directory or a regular file")
+        _require_mountable(p, st.st_mode)
         try:
             return os.statvfs(p.fd_path)
         except OSError as err:
