@@ -82,7 +82,9 @@ REPORT_TTL = 1.0
 #: how old the thin pool's Data%/Meta% may be for limit checks and capacity: they move
 #: with writes inside volumes, which the pool never sees, so a few seconds is as good
 STATUS_TTL = 5.0
-LOCK_DIR = "/run/lock"
+#: where the pool's own lock file goes by default: LVM's locking_dir, which a node
+#: container mounts from the host (docs/lvmthin.md, "Deployment")
+LOCK_DIR = "/run/lock/lvm"
 
 
 def _b64(text: str) -> str:
@@ -175,6 +177,8 @@ class LvmThinPool(Pool):
         self.default_size = opts.size("default_volume_size", 1 << 30) or (1 << 30)
         # online discard unmaps freed blocks of the thin LV: deleted data goes back
         self.mount_options = ("discard",) if opts.flag("discard", True) else ()
+        #: directory of the one-process-per-thin-pool lock file (created if missing)
+        self.lock_dir = os.path.abspath(opts.text("lock_dir", LOCK_DIR))
         opts.finish()
         for key, value in (("volume_group", self.vg), ("thin_pool", self.thin_pool)):
             if not LVM_NAME_RE.match(value):
@@ -188,7 +192,6 @@ class LvmThinPool(Pool):
         self._snapshots: dict[str, Snapshot] = {}
         self._reserved = 0
         self._lock_fd: int | None = None
-        self.lock_dir = LOCK_DIR
         self._report_cache: tuple[float, list[LV]] | None = None
         self._status_cache: tuple[float, PoolStatus] | None = None
         #: volumes whose LV may be smaller than their size tag (an interrupted growth)
@@ -315,10 +318,16 @@ class LvmThinPool(Pool):
 
     def _take_lock(self) -> None:
         """One flotilla process per thin pool: its in-memory index must be the only one."""
-        os.makedirs(self.lock_dir, exist_ok=True)
         path = os.path.join(self.lock_dir,
                             f"flotilla-lvmthin-{self.vg}-{self.thin_pool}.lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.makedirs(self.lock_dir, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as err:
+            raise Unavailable(f"pool {self.name!r}: cannot create the lock file {path} "
+                              f"({err.strerror}); mount a writable directory at lock_dir "
+                              f"{self.lock_dir} (the host's /run/lock/lvm) or set the pool "
+                              "option lock_dir") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -153,6 +153,25 @@ def test_one_process_per_thin_pool(fake: FakeLvm, tmp_path: Path) -> None:
     make(fake, tmp_path).stop()
 
 
+def test_lock_dir_is_an_option_created_when_missing(fake: FakeLvm, tmp_path: Path) -> None:
+    spec = {"name": "t", "type": "lvmthin", "volume_group": "vg", "thin_pool": "tp"}
+    pool = build_pool(spec, fake)
+    assert isinstance(pool, LvmThinPool) and pool.lock_dir == "/run/lock/lvm"
+    lock_dir = tmp_path / "run" / "lock" / "lvm"
+    pool = build_pool({**spec, "lock_dir": str(lock_dir)}, fake)
+    pool.start()
+    try:
+        assert (lock_dir / "flotilla-lvmthin-vg-tp.lock").is_file()
+    finally:
+        pool.stop()
+    with pytest.raises(InvalidArgument, match="lock_dir"):
+        build_pool({**spec, "lock_dir": ""}, fake)
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    with pytest.raises(Unavailable, match="option lock_dir"):
+        build_pool({**spec, "lock_dir": str(blocked / "lvm")}, fake).start()
+
+
 def test_lifecycle_writes_tags_that_a_restart_reads_back(fake: FakeLvm,
                                                          tmp_path: Path) -> None:
     pool = make(fake, tmp_path)
