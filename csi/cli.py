@@ -85,6 +85,35 @@ def cmd_snapshots(client: Client, args: argparse.Namespace) -> int:
             return 0
 
 
+def cmd_pools(client: Client, args: argparse.Namespace) -> int:
+    """Each configured pool: serving (with its available capacity) or failed (with the
+    error its start gave). Exit 1 when any pool is failed."""
+    from csi.identity import MANIFEST_POOL_PREFIX
+
+    info = client.identity.GetPluginInfo(csi_pb2.GetPluginInfoRequest())
+    failed = 0
+    print(f"{'POOL':<20} {'TYPE':<10} {'STATE':<8} {'AVAILABLE':>10}  MESSAGE")
+    for key, value in sorted(info.manifest.items()):
+        if not key.startswith(MANIFEST_POOL_PREFIX):
+            continue
+        name = key[len(MANIFEST_POOL_PREFIX):]
+        kind, _, rest = value.partition(" ")
+        state, _, message = rest.partition(": ")
+        available = "-"
+        if state == "serving":
+            try:
+                cap = client.controller.GetCapacity(
+                    csi_pb2.GetCapacityRequest(parameters={"pool": name}))
+                available = _human(cap.available_capacity)
+            except grpc.RpcError as err:  # a node plugin serves no Controller service
+                if err.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    message = f"{err.code().name}: {err.details()}"
+        else:
+            failed += 1
+        print(f"{name:<20} {kind:<10} {state:<8} {available:>10}  {message}")
+    return 1 if failed else 0
+
+
 def cmd_capacity(client: Client, args: argparse.Namespace) -> int:
     params = {"pool": args.pool} if args.pool else {}
     resp = client.controller.GetCapacity(csi_pb2.GetCapacityRequest(parameters=params))
@@ -297,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--remove-pool", action="store_true",
                       help="unmount and delete the default pool afterwards")
     sub.add_parser("probe", help="plugin name, version and readiness")
+    sub.add_parser("pools", help="each pool: serving (available capacity) or failed "
+                   "(its start error); exit 1 when one is failed")
     sub.add_parser("volumes", help="list volumes")
     sub.add_parser("snapshots", help="list snapshots")
     capp = sub.add_parser("capacity", help="available capacity")
@@ -309,8 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         return Demo(args.state_dir, args.remove_pool).run()
     if args.command == "backup":
         return backup_cli.run(args)
-    commands = {"probe": cmd_probe, "volumes": cmd_volumes, "snapshots": cmd_snapshots,
-                "capacity": cmd_capacity}
+    commands = {"probe": cmd_probe, "pools": cmd_pools, "volumes": cmd_volumes,
+                "snapshots": cmd_snapshots, "capacity": cmd_capacity}
     try:
         with _client(args.endpoint) as client:
             return commands[args.command](client, args)

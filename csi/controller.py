@@ -20,7 +20,7 @@ from csi.errors import (
     Unimplemented,
 )
 from csi.locks import KeyedTryLock
-from csi.pools import PoolSet
+from csi.pools import PoolDown, PoolSet
 from csi.pools.base import Pool, Snapshot, Source, Volume, VolumeRequest, parse_id
 from csi.validation import (
     DEFAULT_FS_TYPE,
@@ -298,7 +298,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def GetCapacity(self, request: csi_pb2.GetCapacityRequest,
                     context: grpc.ServicerContext) -> csi_pb2.GetCapacityResponse:
         params = split_parameters(dict(request.parameters), VOLUME_PARAMETERS)
-        pool = self.pools.named(params.get("pool"))
+        try:
+            pool = self.pools.named(params.get("pool"))
+        except PoolDown:  # nothing fits a pool that is not serving: not an error, so
+            return csi_pb2.GetCapacityResponse(available_capacity=0)  # nothing lands there
         if request.volume_capabilities:
             try:
                 check_pool_serves(pool, read_capabilities(request.volume_capabilities))
@@ -419,6 +422,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
 
     def ListSnapshots(self, request: csi_pb2.ListSnapshotsRequest,
                       context: grpc.ServicerContext) -> csi_pb2.ListSnapshotsResponse:
+        for wanted in (request.snapshot_id, request.source_volume_id):
+            if wanted:
+                self.pools.owner(wanted)  # PoolDown when it names a pool that is down
         snaps = [self._with_backup_state(p, s) for p in self.pools for s in p.list_snapshots()]
         if request.snapshot_id:
             snaps = [s for s in snaps if s.id == request.snapshot_id]

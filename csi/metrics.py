@@ -42,10 +42,23 @@ class PoolCollector(Collector):
                                            "Snapshots in the pool", labels=["pool", "type"]),
             "up": GaugeMetricFamily("flotilla_pool_up", "1 when the pool can serve",
                                     labels=["pool", "type"]),
+            "started": GaugeMetricFamily(
+                "flotilla_pool_started", "1 when the pool has started; 0 while its start "
+                "fails (retried in the background)", labels=["pool", "type"]),
         }
+        attempts = GaugeMetricFamily(
+            "flotilla_pool_start_failed_attempts", "Consecutive failed start attempts of "
+            "the pool (0 once it has started)", labels=["pool", "type"])
         extra: dict[str, GaugeMetricFamily] = {}
-        for pool in self.pools:
+        failures = self.pools.failures()
+        for pool in self.pools.all():
             labels = [pool.name, pool.type]
+            failure = failures.get(pool.name)
+            families["started"].add_metric(labels, 0 if failure else 1)
+            attempts.add_metric(labels, failure.attempts if failure else 0)
+            if failure is not None:  # no I/O on a pool that did not start
+                families["up"].add_metric(labels, 0)
+                continue
             try:
                 pool.check()
                 cap = pool.capacity()
@@ -61,6 +74,7 @@ class PoolCollector(Collector):
                     name, f"{name} (pool-specific)", labels=["pool", "type"]))
                 fam.add_metric(labels, value)
         yield from families.values()
+        yield attempts
         yield from extra.values()
 
 

@@ -30,7 +30,7 @@ from csi.identity import IdentityService
 from csi.kube.agent import NodeAgent
 from csi.kube.controller import DistributedControllerService
 from csi.kube.pool import KubePool, KubeState
-from csi.kube.wiring import controller_pools, make_api
+from csi.kube.wiring import controller_pools, make_api, node_events
 from csi.locks import KeyedTryLock
 from csi.metrics import Metrics
 from csi.node import NodeService
@@ -247,12 +247,17 @@ class Driver:
         self.system = system or System()
         self.kube_state: KubeState | None = None
         self.agent: NodeAgent | None = None
+        #: who this process is among those sharing a pool's storage (e.g. the replicas
+        #: and node plugins on one NFS export): node id and mode
+        instance = f"{args.node_id}-{args.mode}"
         if args.mode == "controller":
             self.kube_state = KubeState(make_api(args, "controller"), args.kube_timeout,
                                         args.capacity_interval)
-            self.pools = controller_pools(config, self.system, self.kube_state)
+            self.pools = controller_pools(config, self.system, self.kube_state, instance)
+            self.pools.watch(node_events(self.kube_state.api, args.node_id))
         else:
-            self.pools = PoolSet([build_pool(spec, self.system) for spec in config.pools])
+            self.pools = PoolSet([build_pool(spec, self.system, instance)
+                                  for spec in config.pools])
         self.config = config
         self.metrics = Metrics(args.driver_name, self.pools)
         self.interceptor = RpcInterceptor(self.metrics)
@@ -270,7 +275,7 @@ class Driver:
         os.makedirs(self.args.state_dir, exist_ok=True)
         if self.kube_state is not None:
             self.kube_state.start()
-        self.pools.start()
+        self.pools.start()  # a pool that cannot start is retried; the others serve
         locks = KeyedTryLock()
         if self.args.mode == "node":
             self.agent = NodeAgent(make_api(self.args, "node"), self.pools, self.args.node_id,
@@ -313,9 +318,11 @@ class Driver:
         self.server = server
         if self.args.metrics_address:
             self.metrics.serve(self.args.metrics_address)
-        log.info("flotilla %s serving %s mode=%s node=%s pools=%s", __version__,
+        failed = self.pools.failures()
+        log.info("flotilla %s serving %s mode=%s node=%s pools=%s%s", __version__,
                  self.args.endpoint, mode, self.args.node_id,
-                 ",".join(f"{p.name}({p.type})" for p in self.pools))
+                 ",".join(f"{p.name}({p.type})" for p in self.pools),
+                 f" failed={','.join(failed)} (retried in the background)" if failed else "")
 
     def _secure_socket(self, path: str) -> None:
         if self.args.socket_group:

@@ -27,7 +27,7 @@ from csi.kube.api import ApiUnavailable, Conflict, KubeApi, Obj
 from csi.kube.informer import Informer
 from csi.kube.placement import is_node_local
 from csi.locks import KeyedTryLock
-from csi.pools import PoolSet
+from csi.pools import PoolDown, PoolFailure, PoolSet
 from csi.pools.base import Pool
 
 if TYPE_CHECKING:
@@ -100,7 +100,10 @@ class NodeAgent:
         self.backups = backups
         if backups is not None:
             backups.on_done = self._backup_done
-        self.pools = {p.name: p for p in pools if is_node_local(p)}
+        #: every node-local pool, failed ones included (their resources wait for them)
+        self.pools = {p.name: p for p in pools.all() if is_node_local(p)}
+        self.pool_set = pools
+        self._node_obj: Obj | None = None
         self.node_id = node_id
         self.node_object = res.object_name(node_id)
         self.locks = locks
@@ -122,6 +125,7 @@ class NodeAgent:
 
     def start(self, sync_timeout: float = 60.0) -> None:
         self.publish_capacity()
+        self.pool_set.watch(self._pool_changed, replay=True)
         for inf in self.informers.values():
             inf.start()
         for t in self._workers:
@@ -150,6 +154,27 @@ class NodeAgent:
                 self.queue.add((plural, res.meta(obj)["name"]))
         return handler
 
+    def _pool_changed(self, name: str, failure: PoolFailure | None) -> None:
+        """A pool failed a start attempt, or started at last: say so on the FlotillaNode
+        (an Event, and its status at once); a started pool's resources are redone."""
+        if name not in self.pools:
+            return
+        obj = self._node_obj or {"apiVersion": API_VERSION, "kind": "FlotillaNode",
+                                 "metadata": {"name": self.node_object}}
+        if failure is None:
+            self.api.event(obj, "PoolStarted", f"pool {name!r} started on node "
+                           f"{self.node_id}; serving it")
+            for plural, inf in self.informers.items():
+                for item in inf.items():
+                    if res.spec(item).get("pool") == name:
+                        self.queue.add((plural, res.meta(item)["name"]))
+        else:
+            self.api.event(obj, "PoolStartFailed",
+                           f"pool {name!r} cannot start on node {self.node_id} (attempt "
+                           f"{failure.attempts}, next in {failure.retry_in:.0f}s): "
+                           f"{failure.error}", warning=True)
+        self._publish_now.set()
+
     def _backup_done(self, snapshot_id: str) -> None:
         obj = self.informers[SNAPSHOTS].find(
             lambda o: res.status(o).get("snapshotId") == snapshot_id)
@@ -165,6 +190,9 @@ class NodeAgent:
                 return
             try:
                 retry = self.sync(*key)
+            except PoolDown as err:  # redone when the pool starts (_pool_changed)
+                log.debug("%s %s waits for its pool: %s", key[0], key[1], err)
+                retry = False
             except (ApiUnavailable, Conflict, Aborted, Unavailable) as err:
                 log.info("%s %s: %s; retrying in %gs", key[0], key[1], err, RETRY_SECONDS)
                 retry = True
@@ -186,7 +214,13 @@ class NodeAgent:
         return retry
 
     def _pool(self, obj: Obj) -> Pool | None:
-        return self.pools.get(str(res.spec(obj).get("pool")))
+        """The resource's pool; None: not a node-local pool of this node.
+
+        Raises: PoolDown (the pool is configured here but its start failed)."""
+        pool = self.pools.get(str(res.spec(obj).get("pool")))
+        if pool is not None and self.pool_set.failure(pool.name) is not None:
+            return self.pool_set.named(pool.name)  # raises PoolDown
+        return pool
 
     def _status(self, plural: str, obj: Obj, status: dict[str, Any]) -> None:
         patched = self.api.patch(plural, res.meta(obj)["name"], {"status": status},
@@ -379,8 +413,16 @@ class NodeAgent:
 
     def pool_report(self) -> list[dict[str, Any]]:
         out = []
+        failures = self.pool_set.failures()
         for pool in self.pools.values():
             entry: dict[str, Any] = {"name": pool.name, "type": pool.type}
+            failure = failures.get(pool.name)
+            if failure is not None:  # no I/O on a pool that did not start
+                entry.update(up=False, started=False, startAttempts=failure.attempts,
+                             message=f"start failed: {failure.error}"[:1000])
+                out.append(entry)
+                continue
+            entry["started"] = True
             try:
                 pool.check()
                 cap = pool.capacity()
@@ -397,12 +439,15 @@ class NodeAgent:
         status = {"pools": self.pool_report(), "heartbeat": time.time(),
                   "capacityInterval": self.capacity_interval, "nodeID": self.node_id,
                   "driverVersion": __version__}
-        if self.api.patch(NODES, self.node_object, {"status": status}, status=True) is None:
+        patched = self.api.patch(NODES, self.node_object, {"status": status}, status=True)
+        if patched is None:
             with contextlib.suppress(Conflict):
                 self.api.create(NODES, {"apiVersion": API_VERSION, "kind": "FlotillaNode",
                                         "metadata": {"name": self.node_object},
                                         "spec": {"nodeID": self.node_id}})
-            self.api.patch(NODES, self.node_object, {"status": status}, status=True)
+            patched = self.api.patch(NODES, self.node_object, {"status": status}, status=True)
+        if patched is not None:
+            self._node_obj = patched  # what Events about this node's pools refer to
 
     def _publish_loop(self) -> None:
         last_resync = time.monotonic()

@@ -22,6 +22,7 @@ from csi.controller import ControllerService, check_pool_serves, split_parameter
 from csi.errors import InvalidArgument
 from csi.kube.placement import Placement, placement
 from csi.kube.pool import KubePool
+from csi.pools import PoolDown
 from csi.pools.base import Volume
 from csi.validation import read_capabilities
 
@@ -60,7 +61,10 @@ class DistributedControllerService(ControllerService):
     def GetCapacity(self, request: csi_pb2.GetCapacityRequest,
                     context: grpc.ServicerContext) -> csi_pb2.GetCapacityResponse:
         params = split_parameters(dict(request.parameters), VOLUME_PARAMS)
-        pool = self.pools.named(params.get("pool"))
+        try:
+            pool = self.pools.named(params.get("pool"))
+        except PoolDown:
+            return csi_pb2.GetCapacityResponse(available_capacity=0)
         if not isinstance(pool, KubePool):
             return super().GetCapacity(request, context)
         if request.volume_capabilities:

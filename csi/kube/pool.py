@@ -133,6 +133,15 @@ class KubePool(Pool):
         return self.state.snapshots.find(
             lambda o: res.status(o).get("snapshotId") == snapshot_id and self._mine(o))
 
+    def _refuse_if_down(self, node: str) -> None:
+        """UNAVAILABLE at once, naming the start error, when the pool failed to start on
+        ``node`` (its agent published so): no waiting for an answer that cannot come."""
+        entry = self.state.node_pools().get(node, {}).get(self.name)
+        if entry is not None and entry.get("started") is False:
+            raise Unavailable(f"pool {self.name!r} is not serving on node {node}: "
+                              f"{entry.get('message') or 'its start failed'}; the node "
+                              "plugin retries the start in the background")
+
     def node_of(self, volume_id: str) -> str | None:
         obj = self._volume_obj(volume_id)
         return res.spec(obj).get("node") if obj else None
@@ -197,6 +206,7 @@ class KubePool(Pool):
                 raise InProgress(f"volume {req.name!r} moves from node {node}; retry later")
             return self._resume_create(existing, req)
         node = self._choose_node(req, place)
+        self._refuse_if_down(node)
         obj = self._create(self.state.volumes, res.volume_body(req, self.name, node))
         return self._resume_create(obj, req)
 
@@ -274,6 +284,7 @@ class KubePool(Pool):
         if self.state.snapshots.find(
                 lambda o: res.spec(o).get("sourceVolumeId") == volume_id):
             log.info("deleting volume %s; its snapshots stay", volume_id)
+        self._refuse_if_down(str(res.spec(obj).get("node", "")))
         self._delete(self.state.volumes, res.meta(obj)["name"], f"volume {volume_id}")
 
     def expand_volume(self, volume_id: str, size: int) -> Volume:
@@ -281,6 +292,7 @@ class KubePool(Pool):
         if obj is None:
             raise NotFound(f"volume {volume_id} does not exist")
         name = res.meta(obj)["name"]
+        self._refuse_if_down(str(res.spec(obj).get("node", "")))
         if size > int(res.spec(obj)["size"]):
             try:
                 patched = self.state.api.patch(VOLUMES, name, {"spec": {"size": size}})
@@ -337,6 +349,7 @@ class KubePool(Pool):
             if src is None:
                 raise NotFound(f"source volume {source_volume_id} does not exist")
             node = res.spec(src)["node"]
+            self._refuse_if_down(node)
             obj = self._create(self.state.snapshots, res.snapshot_body(
                 name, source_volume_id, parameters, self.name, node))
         sp = res.spec(obj)
@@ -364,6 +377,7 @@ class KubePool(Pool):
         obj = self._snapshot_obj(snapshot_id)
         if obj is None:
             return
+        self._refuse_if_down(str(res.spec(obj).get("node", "")))
         self._delete(self.state.snapshots, res.meta(obj)["name"], f"snapshot {snapshot_id}")
 
     def get_snapshot(self, snapshot_id: str) -> Snapshot | None:

@@ -122,6 +122,9 @@ class Pool(abc.ABC):
     node_expansion: bool = True
     #: seconds a node may wait for a network mount of this pool
     mount_timeout: float = 60.0
+    #: this process among those sharing the pool's storage (set at wiring time from the
+    #: node id and mode): a shared pool keeps its scratch space apart by it
+    instance: str = ""
 
     def __init__(self, name: str, options: dict[str, object]) -> None:
         if not POOL_NAME_RE.match(name):

@@ -231,9 +231,9 @@ def test_metrics_and_logs(started: tuple[CSIClient, DriverProcess, int]) -> None
     assert '"method": "NodeStageVolume"' in log and '"code": "OK"' in log
 
 
-def test_socket_is_private_and_probe_reports_unusable_pool(
+def test_socket_is_private_and_probe_ignores_an_unusable_pool(
         started: tuple[CSIClient, DriverProcess, int], xfs: Path) -> None:
-    c, driver, _ = started
+    c, driver, port = started
     assert stat.S_IMODE(os.stat(driver.socket).st_mode) == 0o600
     assert c.identity.Probe(csi_pb2.ProbeRequest()).ready.value
     info = c.identity.GetPluginInfo(csi_pb2.GetPluginInfoRequest())
@@ -243,20 +243,38 @@ def test_socket_is_private_and_probe_reports_unusable_pool(
     assert kinds == {csi_pb2.PluginCapability.Service.CONTROLLER_SERVICE,
                      csi_pb2.PluginCapability.Service.VOLUME_ACCESSIBILITY_CONSTRAINTS}
     (xfs / "second" / "tmp").rmdir()
-    assert not c.identity.Probe(csi_pb2.ProbeRequest()).ready.value
+    # Probe reports the process, not the storage (it answered ready=false here before,
+    # and the livenessprobe restarted the plugin): the unusable pool shows in its metric
+    assert c.identity.Probe(csi_pb2.ProbeRequest()).ready.value
+    url = f"http://127.0.0.1:{port}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    assert 'flotilla_pool_up{pool="second",type="filepool"} 0.0' in text
+    assert 'flotilla_pool_up{pool="p",type="filepool"} 1.0' in text
     (xfs / "second" / "tmp").mkdir()
     assert c.identity.Probe(csi_pb2.ProbeRequest()).ready.value
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    assert 'flotilla_pool_up{pool="second",type="filepool"} 1.0' in text
 
 
-def test_start_refuses_a_pool_without_reflink(workdir: Path) -> None:
+def test_a_pool_without_reflink_is_reported_and_the_process_serves(workdir: Path) -> None:
+    """The only pool cannot start: the process serves anyway (it exited 2 before), Probe
+    is ready, and the pool's calls answer UNAVAILABLE with the start error's advice."""
     require_root()
     with loop_filesystem(workdir, "ext4", size=GiB, name="ext4") as mnt:
         driver = DriverProcess(workdir, [{"name": "p", "type": "filepool",
                                           "path": str(mnt / "pool")}])
-        with pytest.raises(RuntimeError, match="exited 2") as err:
-            driver.start()
-        assert "loop_image_size" in str(err.value) and "reflink" in str(err.value)
-        driver.proc = None
+        c = driver.start()
+        try:
+            assert c.identity.Probe(csi_pb2.ProbeRequest()).ready.value
+            with pytest.raises(grpc.RpcError) as err:
+                c.controller.CreateVolume(csi_pb2.CreateVolumeRequest(
+                    name="v", volume_capabilities=[mount_cap()]))
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "loop_image_size" in err.value.details()
+            assert "reflink" in err.value.details()
+        finally:
+            assert driver.stop() == 0
+        assert "cannot start (attempt 1)" in driver.log.read_text()
 
 
 def test_embedded_default_pool_creates_its_own_xfs_image(workdir: Path) -> None:
