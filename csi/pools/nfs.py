@@ -6,7 +6,8 @@ The controller mounts the export at ``mount_dir`` and keeps, on the export itsel
     volumes/<uid>.json    its metadata (name, recorded size, source)
     .snapshots/<uid>/     a snapshot: a copy of the volume's tree, never mounted by nodes
     .snapshots/<uid>.json
-    .tmp/                 trees being built (removed at start)
+    .tmp/<owner>/         trees one process is building (its own: removed at its start)
+    .tmp/<owner>.lock     held (flock) by the process that owns .tmp/<owner>/
     retained/, archived/  where deleted volumes go with on_delete: retain / archive
 
 The volume id (``<pool>:vol-<uid>``) names the pool, whose configuration names the
@@ -15,6 +16,15 @@ volume. Snapshots, clones and restores copy the tree file by file with ``FICLONE
 which an NFSv4.2 client sends as one CLONE operation per file, so on a reflink export
 (XFS reflink=1, btrfs) they cost O(extents); when the server cannot clone, the file is
 copied instead, and the log and the ``flotilla_nfs_*_files`` gauges say which happened.
+
+Every process that starts the pool (controller replicas, every node plugin) shares the
+export, so each builds in a scratch directory of its own: ``<owner>`` is the process's
+:attr:`~csi.pools.base.Pool.instance` (node id and mode; the host name when unset), made
+unique by the lock beside it (a second process of the same instance takes
+``<owner>.2``...). At start a process removes only what its own directory holds; other
+owners' directories are left alone and logged, because no lock on an NFS export can prove
+their owner gone on every client (``nolock`` mounts keep locks local). Renames from
+``.tmp/<owner>/`` into ``volumes/`` stay on one filesystem, so commits remain atomic.
 
 Capacity: the requested size is recorded, reported and grown by ControllerExpandVolume.
 NFS itself enforces nothing per directory; with ``quota_path`` (this host sees the share
@@ -29,6 +39,7 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import stat
 import threading
 import time
@@ -64,6 +75,17 @@ log = logging.getLogger(__name__)
 NO_CLONE = frozenset({errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL,
                       errno.ENOSYS, errno.ENOTSUP})
 COPY_CHUNK = 8 << 20
+#: scratch directories one host may hold per pool instance before start-up gives up
+MAX_SCRATCH_OWNERS = 64
+_OWNER_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+#: a tree an older version built directly in .tmp/ (before per-owner scratch)
+_LEGACY_TMP = re.compile(r"^(vol|snap)-[0-9a-f]{32}(\.json)?$")
+
+
+def scratch_owner(instance: str) -> str:
+    """A directory name for a pool instance (node ids are DNS names already)."""
+    name = _OWNER_UNSAFE.sub("_", instance).strip(".") or "flotilla"
+    return name[:100]
 
 
 class NfsPool(Pool):
@@ -118,6 +140,7 @@ class NfsPool(Pool):
         self._counts_lock = threading.Lock()
         self._mounted_here = False
         self._quota_fs = ""
+        self._scratch_fd: int | None = None
 
     @property
     def export(self) -> str:
@@ -153,7 +176,42 @@ class NfsPool(Pool):
             self.stop()  # leave no mount behind a failed start
             raise
 
+    def _claim_scratch(self) -> None:
+        """Take this process's own scratch directory ``.tmp/<owner>`` (module docstring):
+        the first ``<owner>[.N]`` whose lock file this process can flock."""
+        root = os.path.join(self.mount_dir, ".tmp")
+        os.makedirs(root, exist_ok=True)
+        base = scratch_owner(self.instance or os.uname().nodename)
+        for n in range(1, MAX_SCRATCH_OWNERS + 1):
+            owner = base if n == 1 else f"{base}.{n}"
+            fd = os.open(os.path.join(root, owner + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            self._scratch_fd = fd
+            self.store.dirs["tmp"] = os.path.join(root, owner)
+            self._log_others(root, owner)
+            return
+        raise Unavailable(f"pool {self.name!r}: {MAX_SCRATCH_OWNERS} processes named "
+                          f"{base!r} hold scratch directories in {root}; is --node-id "
+                          "the same on every node?")
+
+    def _log_others(self, root: str, owner: str) -> None:
+        """Say what other owners (or an older version) left in .tmp/: never removed
+        here, since their process may still be building there."""
+        for entry in sorted(os.listdir(root)):
+            if entry in (owner, owner + ".lock") or entry.endswith(".lock"):
+                continue
+            what = ("left by an older version" if _LEGACY_TMP.match(entry) else
+                    "the scratch space of another process")
+            log.info("pool %s: %s is %s; left alone (remove it by hand once no process "
+                     "of this pool has built there for a while)", self.name,
+                     os.path.join(root, entry), what)
+
     def _prepare(self) -> None:
+        self._claim_scratch()
         self.store.make_dirs()
         for d in ("retained", "archived"):
             os.makedirs(os.path.join(self.mount_dir, d), exist_ok=True)
@@ -165,6 +223,9 @@ class NfsPool(Pool):
                 self._set_quota(vol)
 
     def stop(self) -> None:
+        if self._scratch_fd is not None:
+            os.close(self._scratch_fd)  # releases .tmp/<owner> for the next process
+            self._scratch_fd = None
         if self._mounted_here:
             self.system.umount_network(self.mount_dir)
             self._mounted_here = False

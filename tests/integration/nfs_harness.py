@@ -122,7 +122,11 @@ class NfsHarness(PoolHarness):
 
     def leftovers(self) -> list[str]:
         assert self.export_dir is not None
-        found = [str(p) for p in (self.export_dir / ".tmp").iterdir()]
+        # each process's scratch directory .tmp/<owner>/ (beside its lock file)
+        found = [str(p) for d in (self.export_dir / ".tmp").iterdir() if d.is_dir()
+                 for p in d.iterdir()]
+        found += [str(p) for p in (self.export_dir / ".tmp").iterdir()
+                  if not p.is_dir() and not p.name.endswith(".lock")]
         for kind in ("volumes", ".snapshots"):
             names = {p.name for p in (self.export_dir / kind).iterdir()}
             found += [f"{kind}/{n}" for n in names

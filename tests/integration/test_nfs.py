@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from csi.errors import InvalidArgument
+from csi.pools import build_pool
 from csi.pools.base import Source, VolumeRequest
 from tests.conftest import require_root
 from tests.helpers import MiB, loop_filesystem
@@ -145,3 +146,59 @@ def test_a_second_pool_on_the_export_sees_new_objects(harness: NfsHarness,
     assert node.get_volume(vol.id) == vol
     assert node.get_snapshot(snap.id) == snap
     assert node.get_volume(f"contract:vol-{'0' * 32}") is None
+
+
+def test_each_process_has_its_own_scratch_space(harness: NfsHarness, workdir: Path) -> None:
+    """A second pool instance starting on the export (another node plugin, a second
+    controller replica, a restart of either) does not delete a tree the first one is
+    building: each removes only its own .tmp/<owner>/ at start."""
+    assert harness.export_dir is not None
+    tmp = harness.export_dir / ".tmp"
+    controller = build_pool(harness.spec(), harness.system, "node-1-controller")
+    controller.start()
+    harness.pools.append(controller)
+    src = controller.create_volume(req("src", 64 * MiB))
+    with open(os.path.join(controller.volume_dir(src.id), "data"), "w") as f:  # type: ignore[attr-defined]
+        f.write("payload")
+    started: list[str] = []
+    real_copy = controller.copy_tree  # type: ignore[attr-defined]
+
+    def copy_then_start_others(s: str, d: str) -> dict[str, int]:
+        counts: dict[str, int] = real_copy(s, d)
+        assert os.path.exists(os.path.join(d, "data"))  # the clone being built
+        # meanwhile: a node plugin, and a second process with the same instance
+        for n, instance in enumerate(("node-2-node", "node-1-controller")):
+            other = build_pool(harness.spec(mount_dir=str(workdir / f"other-{n}")),
+                               harness.system, instance)
+            other.start()
+            harness.pools.append(other)
+            started.append(other.store.dirs["tmp"])  # type: ignore[attr-defined]
+        assert os.path.exists(os.path.join(d, "data")), "another start removed the tree"
+        return counts
+
+    controller.copy_tree = copy_then_start_others  # type: ignore[attr-defined]
+    clone = controller.create_volume(req("clone", 64 * MiB, Source("volume", src.id)))
+    with open(os.path.join(controller.volume_dir(clone.id), "data")) as f:  # type: ignore[attr-defined]
+        assert f.read() == "payload"
+    assert [os.path.basename(p) for p in started] == ["node-2-node", "node-1-controller.2"]
+    owners = sorted(p.name for p in tmp.iterdir())
+    assert owners == ["node-1-controller", "node-1-controller.2", "node-1-controller.2.lock",
+                      "node-1-controller.lock", "node-2-node", "node-2-node.lock"]
+
+
+def test_a_restart_removes_only_its_own_leftovers(harness: NfsHarness) -> None:
+    assert harness.export_dir is not None
+    tmp = harness.export_dir / ".tmp"
+    pool = build_pool(harness.spec(), harness.system, "node-1-controller")
+    pool.start()
+    harness.pools.append(pool)
+    mine = tmp / "node-1-controller" / f"vol-{'a' * 32}"
+    mine.mkdir()
+    theirs = tmp / "node-2-controller" / f"vol-{'b' * 32}"
+    theirs.mkdir(parents=True)
+    legacy = tmp / f"vol-{'c' * 32}"  # built by a version before per-owner scratch
+    legacy.mkdir()
+    pool.stop()
+    pool.start()  # as after a crash: its own half-built tree goes, nobody else's
+    assert not mine.exists()
+    assert theirs.exists() and legacy.exists()
