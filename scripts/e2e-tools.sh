@@ -9,8 +9,9 @@
 # a tool is rebuilt only when its stamp differs. Go's module and build caches (GOPATH,
 # GOCACHE) make a rebuild after a version bump cheap.
 #
-# kine, helm: `go install` at their tags (no replace directives).
-# kube-apiserver, kube-controller-manager (k8s.io/kubernetes), csi-provisioner,
+# kine, helm, the CNI plugins: `go install` at their tags (no replace directives).
+# kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy, kubectl
+# (k8s.io/kubernetes; the last four serve the real node of tests/cluster), csi-provisioner,
 # csi-snapshotter, snapshot-controller, csi-resizer have `replace` directives pointing at
 # in-repo staging directories, which `go install pkg@version` refuses. They are built from
 # a wrapper module generated here at run time: it requires each tool at its tag and
@@ -26,6 +27,8 @@ SNAPSHOTTER_VERSION=v8.6.0     # external-snapshotter: csi-snapshotter, snapshot
 RESIZER_VERSION=v2.2.0
 KINE_VERSION=v0.17.5
 HELM_VERSION=v3.22.0
+CNI_PLUGINS_VERSION=v1.9.1     # bridge, host-local, loopback, portmap (tests/cluster)
+CNI_PLUGINS=(main/bridge main/loopback ipam/host-local meta/portmap)
 
 CACHE=${FLOTILLA_E2E_CACHE:-/var/cache/flotilla/e2e}
 BIN=$CACHE/bin
@@ -67,10 +70,25 @@ if ! up_to_date helm "$HELM_VERSION"; then
     stamp helm "$HELM_VERSION"
 fi
 
+for p in "${CNI_PLUGINS[@]}"; do
+    name=${p#*/}
+    if ! up_to_date "cni/$name" "$CNI_PLUGINS_VERSION"; then
+        log "building CNI plugin $name $CNI_PLUGINS_VERSION"
+        mkdir -p "$BIN/cni"
+        CGO_ENABLED=0 GOBIN=$BIN/cni go install -ldflags '-s -w' \
+            "github.com/containernetworking/plugins/plugins/$p@$CNI_PLUGINS_VERSION"
+        stamp "cni/$name" "$CNI_PLUGINS_VERSION"
+    fi
+done
+
 # ---- the wrapper module for tools with replace directives ------------------------------
 declare -A WRAPPED=(
     [kube-apiserver]="k8s.io/kubernetes/cmd/kube-apiserver $K8S_VERSION"
     [kube-controller-manager]="k8s.io/kubernetes/cmd/kube-controller-manager $K8S_VERSION"
+    [kube-scheduler]="k8s.io/kubernetes/cmd/kube-scheduler $K8S_VERSION"
+    [kubelet]="k8s.io/kubernetes/cmd/kubelet $K8S_VERSION"
+    [kube-proxy]="k8s.io/kubernetes/cmd/kube-proxy $K8S_VERSION"
+    [kubectl]="k8s.io/kubernetes/cmd/kubectl $K8S_VERSION"
     [csi-provisioner]="github.com/kubernetes-csi/external-provisioner/v6/cmd/csi-provisioner $PROVISIONER_VERSION"
     [csi-snapshotter]="github.com/kubernetes-csi/external-snapshotter/v8/cmd/csi-snapshotter $SNAPSHOTTER_VERSION"
     [snapshot-controller]="github.com/kubernetes-csi/external-snapshotter/v8/cmd/snapshot-controller $SNAPSHOTTER_VERSION"

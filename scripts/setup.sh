@@ -20,6 +20,8 @@ fi
 
 # Debian packages: filesystems, loop devices, and Python's venv.
 packages=(xfsprogs btrfs-progs e2fsprogs util-linux mount python3-venv)
+# the real node (tests/cluster, make cluster-up): runtime, kube-proxy, image building
+((want_test)) && packages+=(containerd runc nftables conntrack debootstrap busybox-static)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
