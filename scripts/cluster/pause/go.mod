@@ -1,0 +1,3 @@
+module flotilla.invalid/pause
+
+go 1.22
