@@ -51,6 +51,18 @@ test-hostile: setup ## hostile input at length: 10,000 property-based examples p
 	FLOTILLA_HOSTILE_EXAMPLES=10000 FLOTILLA_HOSTILE_UNDECODABLE=1000 $(PYTEST) -s \
 		--timeout 10800 tests/reliability/test_hostile.py tests/reliability/test_hostile_node.py
 
+.PHONY: cluster-up
+cluster-up: setup-test ## a real single-node cluster (kubelet + containerd) with the chart installed; prints KUBECONFIG
+	$(PY) -m tests.cluster.rig up
+
+.PHONY: cluster-down
+cluster-down: ## stop the cluster of cluster-up by PID and remove its mounts, loops, links, cgroups
+	$(PY) -m tests.cluster.rig down
+
+.PHONY: test-cluster
+test-cluster: setup-test ## tests/cluster: user flows on the real node (uses a running cluster-up cluster, else its own)
+	FLOTILLA_CLUSTER_TIER=1 $(PYTEST) tests/cluster
+
 .PHONY: test
 test: setup-test lint typecheck ## everything CI runs: lint, types and every test tier
 	$(PYTEST) tests

@@ -70,10 +70,13 @@ KINDS = {
     "FlotillaSnapshot": ("flotillasnapshots", False),
     "FlotillaNode": ("flotillanodes", False),
     "ConfigMap": ("configmaps", True), "Event": ("events", True),
+    "Pod": ("pods", True), "StatefulSet": ("statefulsets", True),
+    "Deployment": ("deployments", True), "DaemonSet": ("daemonsets", True),
 }
 GROUP_VERSION = {
     "PersistentVolumeClaim": "v1", "PersistentVolume": "v1", "Namespace": "v1", "Node": "v1",
-    "ConfigMap": "v1", "Event": "v1",
+    "ConfigMap": "v1", "Event": "v1", "Pod": "v1",
+    "StatefulSet": "apps/v1", "Deployment": "apps/v1", "DaemonSet": "apps/v1",
     "CSINode": "storage.k8s.io/v1", "CSIDriver": "storage.k8s.io/v1",
     "StorageClass": "storage.k8s.io/v1", "CSIStorageCapacity": "storage.k8s.io/v1",
     "CustomResourceDefinition": "apiextensions.k8s.io/v1",
