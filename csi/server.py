@@ -253,10 +253,11 @@ class Driver:
         if args.mode == "controller":
             self.kube_state = KubeState(make_api(args, "controller"), args.kube_timeout,
                                         args.capacity_interval)
-            self.pools = controller_pools(config, self.system, self.kube_state, instance)
+            self.pools = controller_pools(config, self.system, self.kube_state, instance,
+                                          args.state_dir)
             self.pools.watch(node_events(self.kube_state.api, args.node_id))
         else:
-            self.pools = PoolSet([build_pool(spec, self.system, instance)
+            self.pools = PoolSet([build_pool(spec, self.system, instance, args.state_dir)
                                   for spec in config.pools])
         self.config = config
         self.metrics = Metrics(args.driver_name, self.pools)

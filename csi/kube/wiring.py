@@ -14,7 +14,7 @@ from csi.system import System
 
 
 def controller_pools(config: Config, system: System, state: KubeState,
-                     instance: str = "") -> PoolSet:
+                     instance: str = "", state_dir: str = "") -> PoolSet:
     """Node-local pools become KubePools; shared ones (nfs) are driven directly.
 
     Every pool is built from its configuration first, so options are validated the same
@@ -22,7 +22,7 @@ def controller_pools(config: Config, system: System, state: KubeState,
     """
     pools = []
     for spec in config.pools:
-        real = build_pool(spec, system, instance)
+        real = build_pool(spec, system, instance, state_dir)
         pools.append(KubePool(real, state) if is_node_local(real) else real)
     return PoolSet(pools)
 

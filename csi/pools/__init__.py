@@ -5,6 +5,7 @@ others down."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,9 +34,11 @@ RETRY_FIRST = 5.0
 RETRY_MAX = 300.0
 
 
-def build_pool(spec: dict[str, object], system: System, instance: str = "") -> Pool:
+def build_pool(spec: dict[str, object], system: System, instance: str = "",
+               state_dir: str = "") -> Pool:
     """The pool one config entry describes. ``instance`` names this process among those
-    sharing the pool's storage (see :attr:`Pool.instance`); empty: the host name."""
+    sharing the pool's storage (see :attr:`Pool.instance`; empty: the host name);
+    ``state_dir`` is the driver's --state-dir (:attr:`Pool.state_dir`)."""
     name = spec.get("name")
     kind = spec.get("type")
     if not isinstance(name, str):
@@ -47,6 +50,8 @@ def build_pool(spec: dict[str, object], system: System, instance: str = "") -> P
     pool = POOL_TYPES[str(kind)](name, spec, system)
     if instance:
         pool.instance = instance
+    if state_dir:
+        pool.state_dir = os.path.abspath(state_dir)
     return pool
 
 

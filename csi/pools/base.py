@@ -125,6 +125,9 @@ class Pool(abc.ABC):
     #: this process among those sharing the pool's storage (set at wiring time from the
     #: node id and mode): a shared pool keeps its scratch space apart by it
     instance: str = ""
+    #: the driver's --state-dir (set at wiring time; empty: the default): where a pool
+    #: keeps host-side paths its options leave open
+    state_dir: str = ""
 
     def __init__(self, name: str, options: dict[str, object]) -> None:
         if not POOL_NAME_RE.match(name):

@@ -44,6 +44,7 @@ import stat
 import threading
 import time
 
+from csi.config import DEFAULT_STATE_DIR
 from csi.errors import (
     CommandFailed,
     FailedPrecondition,
@@ -123,7 +124,9 @@ class NfsPool(Pool):
         self.max_used_percent = opts.number("max_used_percent", 95.0, 1.0, 100.0)
         self.default_size = opts.size("default_volume_size", 1 << 30) or (1 << 30)
         self.dir_mode = int(opts.text("dir_mode", "0777"), 8)
-        self.mount_dir = os.path.abspath(opts.text("mount_dir", f"/run/flotilla/nfs/{name}"))
+        mount_dir = opts.optional_text("mount_dir")
+        #: None: ``<state_dir>/nfs/<pool>``, resolved when the pool starts (see mount_dir)
+        self._mount_dir_option = os.path.abspath(mount_dir) if mount_dir else None
         self.mount_timeout = opts.number("mount_timeout", TIMEOUT_MOUNT, 1.0, 600.0)
         # where this host sees the share's directory on its own XFS (mounted with prjquota),
         # e.g. when the controller runs on the NFS server: enables per-volume quotas
@@ -131,16 +134,27 @@ class NfsPool(Pool):
         self.quota_path = os.path.abspath(quota_path) if quota_path else None
         opts.finish()
         self.granularity = 1 << 20
-        self.store = ObjectStore(name, system, {
-            "volumes": os.path.join(self.mount_dir, "volumes"),
-            "snapshots": os.path.join(self.mount_dir, ".snapshots"),
-            "tmp": os.path.join(self.mount_dir, ".tmp"),
-        }, "", "nfs")
+        self.store = ObjectStore(name, system, self._store_dirs(), "", "nfs")
         self.counts = {"clone": 0, "copy": 0}
         self._counts_lock = threading.Lock()
         self._mounted_here = False
         self._quota_fs = ""
         self._scratch_fd: int | None = None
+
+    @property
+    def mount_dir(self) -> str:
+        """Where this process mounts the export: the ``mount_dir`` option, else
+        ``<state_dir>/nfs/<pool>`` under the driver's --state-dir (set at wiring time),
+        like every other host path the driver keeps."""
+        if self._mount_dir_option is not None:
+            return self._mount_dir_option
+        return os.path.join(os.path.abspath(self.state_dir or DEFAULT_STATE_DIR), "nfs",
+                            self.name)
+
+    def _store_dirs(self) -> dict[str, str]:
+        return {"volumes": os.path.join(self.mount_dir, "volumes"),
+                "snapshots": os.path.join(self.mount_dir, ".snapshots"),
+                "tmp": os.path.join(self.mount_dir, ".tmp")}
 
     @property
     def export(self) -> str:
@@ -150,6 +164,7 @@ class NfsPool(Pool):
     # ---- lifecycle ------------------------------------------------------------------
 
     def start(self) -> None:
+        self.store.dirs.update(self._store_dirs())  # state_dir is known by now
         os.makedirs(self.mount_dir, exist_ok=True)
         current = self.system.mount_at(self.mount_dir)
         if current is not None and not self.system.path_alive(self.mount_dir):

@@ -270,3 +270,20 @@ def test_node_agent_reports_a_failed_pool_and_serves_it_once_started() -> None:
         ps.stop()
     finally:
         cluster.stop()
+
+
+def test_nfs_mount_dir_follows_the_state_dir() -> None:
+    from csi.pools import build_pool
+    from csi.pools.nfs import NfsPool
+    from csi.system import System
+
+    spec: dict[str, object] = {"name": "shared", "type": "nfs", "server": "nfs.invalid",
+                               "share": "/export"}
+    pool = build_pool(spec, System(), "node-1-controller", "/tmp/flotilla")
+    assert isinstance(pool, NfsPool)
+    assert pool.mount_dir == "/tmp/flotilla/nfs/shared"
+    assert pool.instance == "node-1-controller"
+    unset = build_pool(spec, System())
+    assert isinstance(unset, NfsPool) and unset.mount_dir == "/var/lib/flotilla/nfs/shared"
+    explicit = build_pool({**spec, "mount_dir": "/mnt/x"}, System(), state_dir="/tmp/f")
+    assert isinstance(explicit, NfsPool) and explicit.mount_dir == "/mnt/x"
