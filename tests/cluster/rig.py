@@ -461,16 +461,20 @@ state = "{run_dir / 'containerd'}"
             values["pools"] = pools
         return values
 
+    def helm_env(self) -> dict[str, str]:
+        """helm talks to this cluster and keeps its state in the state directory."""
+        return {**os.environ, "KUBECONFIG": str(self.kubeconfig),
+                "HELM_CACHE_HOME": str(self.state / "helm/cache"),
+                "HELM_CONFIG_HOME": str(self.state / "helm/config"),
+                "HELM_DATA_HOME": str(self.state / "helm/data")}
+
     def _install(self, bindir: Path, imgs: dict[str, str]) -> None:
         log("helm install")
         values = self.state / "values.yaml"
         values.write_text(yaml.safe_dump(self.values(imgs)))
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig),
-               "HELM_CACHE_HOME": str(self.state / "helm/cache"),
-               "HELM_CONFIG_HOME": str(self.state / "helm/config"),
-               "HELM_DATA_HOME": str(self.state / "helm/data")}
         run(str(bindir / "helm"), "upgrade", "--install", RELEASE, str(REPO / "charts/flotilla"),
-            "--namespace", NAMESPACE, "--create-namespace", "--values", str(values), env=env)
+            "--namespace", NAMESPACE, "--create-namespace", "--values", str(values),
+            env=self.helm_env())
         self.wait_chart_ready()
 
     def wait_chart_ready(self, timeout: float = 300.0) -> None:
@@ -551,12 +555,8 @@ state = "{run_dir / 'containerd'}"
                                   for n in kube.list("Namespace")), timeout=240)
         self.wait("persistent volumes to go", lambda: not kube.list("PersistentVolume"),
                   timeout=120)
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig),
-               "HELM_CACHE_HOME": str(self.state / "helm/cache"),
-               "HELM_CONFIG_HOME": str(self.state / "helm/config"),
-               "HELM_DATA_HOME": str(self.state / "helm/data")}
         run(str(tools_dir() / "helm"), "uninstall", RELEASE, "--namespace", NAMESPACE,
-            "--wait", "--timeout", "180s", env=env, check=False)
+            "--wait", "--timeout", "180s", env=self.helm_env(), check=False)
         self.wait("the chart's pods to go", lambda: not kube.request(
             "GET", f"/api/v1/namespaces/{NAMESPACE}/pods")["items"], timeout=180)
 
