@@ -45,9 +45,11 @@ def test_the_chart_registers_serves_and_reports(env: Env) -> None:
 
     node_pods, ctrl_pods = env.flotilla_pods("node"), env.flotilla_pods("controller")
     assert len(node_pods) == 1 and len(ctrl_pods) == 2
-    for pod, port in [(node_pods[0], 9830)] + [(p, 9820) for p in ctrl_pods]:
+    # (pod, livenessprobe port, metrics port): the chart's defaults
+    for pod, healthz, port in [(node_pods[0], 9838, 9830)] + [(p, 9808, 9820)
+                                                              for p in ctrl_pods]:
         ip = pod["status"]["podIP"]
-        status, body = env.http(f"http://{ip}:9808/healthz")
+        status, body = env.http(f"http://{ip}:{healthz}/healthz")
         assert (status, body.strip()) == (200, "ok"), (pod["metadata"]["name"], status, body)
         status, text = env.http(f"http://{ip}:{port}/metrics")
         assert status == 200

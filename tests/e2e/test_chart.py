@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -81,3 +82,53 @@ def test_rendered_objects() -> None:
         "FlotillaVolume", "FlotillaSnapshot", "FlotillaNode"}
     for crd in crds:
         assert crd["spec"]["scope"] == "Cluster"
+
+
+def render(values: dict[str, object], tmp_path: Path) -> list[dict[str, Any]]:
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    out = helm("template", "x", str(CHART), "--kube-version", "1.36.1", "-f", str(path))
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def pod_spec(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    spec: dict[str, Any] = next(d for d in docs if d["kind"] == kind)["spec"]["template"]["spec"]
+    return spec
+
+
+def test_each_pool_type_gets_what_it_needs(tmp_path: Path) -> None:
+    """lvmthin: the host's lvm run, lock and config dirs (and a lock_dir of its own);
+    nfs: the node on the host's network, the controller privileged root; filepool alone:
+    neither, and a controller without capabilities."""
+    plain = render({}, tmp_path)
+    node, ctrl = pod_spec(plain, "DaemonSet"), pod_spec(plain, "Deployment")
+    assert "hostNetwork" not in node
+    assert not [v for v in node["volumes"] if v["name"].startswith("lvm-")]
+    assert ctrl["containers"][0]["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert ctrl["terminationGracePeriodSeconds"] > 60  # the driver's 60 s drain
+
+    docs = render({"pools": [
+        {"name": "thin", "type": "lvmthin", "volume_group": "vg", "thin_pool": "tp"},
+        {"name": "thin2", "type": "lvmthin", "volume_group": "vg2", "thin_pool": "tp",
+         "lock_dir": "/srv/locks/"},
+        {"name": "thin3", "type": "lvmthin", "volume_group": "vg3", "thin_pool": "tp",
+         "lock_dir": "/var/lib/flotilla/locks"},
+        {"name": "shared", "type": "nfs", "server": "10.0.0.5", "share": "/export"}]},
+        tmp_path)
+    node, ctrl = pod_spec(docs, "DaemonSet"), pod_spec(docs, "Deployment")
+    host = {v["name"]: v["hostPath"]["path"] for v in node["volumes"] if "hostPath" in v}
+    mounts = {m["name"]: m["mountPath"] for m in node["containers"][0]["volumeMounts"]}
+    lvm = sorted(host[n] for n in host if n.startswith("lvm-"))
+    assert lvm == ["/etc/lvm", "/run/lock/lvm", "/run/lvm", "/srv/locks"]
+    assert all(mounts[n] == host[n] for n in host if n.startswith("lvm-"))
+    assert (node["hostNetwork"], node["dnsPolicy"]) == (True, "ClusterFirstWithHostNet")
+    ports = {p["containerPort"] for c in node["containers"] for p in c.get("ports", [])}
+    assert not ports & {9808, 9809}, ports  # other drivers' sidecar defaults on the host
+    sec = ctrl["containers"][0]["securityContext"]
+    assert (sec["privileged"], sec["runAsUser"], sec["runAsNonRoot"]) == (True, 0, False)
+    assert "hostNetwork" not in ctrl  # its export mount stays in its own namespaces
+    for spec in (node, ctrl):
+        probe = next(c for c in spec["containers"] if c["name"] == "liveness-probe")
+        assert "--probe-timeout=3s" in probe["args"]
+        kubelet_probe = spec["containers"][0]["livenessProbe"]
+        assert kubelet_probe["timeoutSeconds"] > 3

@@ -44,6 +44,26 @@ app.kubernetes.io/component: {{ .component }}
 {{- if has .type (list "nfs") }}false{{ else }}true{{ end -}}
 {{- end -}}
 
+{{/* "true" when a pool of type .type is configured (call with dict "root" . "type" T) */}}
+{{- define "flotilla.hasPoolType" -}}
+{{- $found := false }}
+{{- range .root.Values.pools }}{{ if eq .type $.type }}{{ $found = true }}{{ end }}{{ end }}
+{{- $found -}}
+{{- end -}}
+
+{{/* the host directories lvm and the lvmthin pools write to (docs/lvmthin.md,
+Deployment): lvm's own run and lock dirs, /etc/lvm, and every pool's lock_dir (one
+under stateDir is mounted with it already) */}}
+{{- define "flotilla.lvmDirs" -}}
+{{- $dirs := list "/run/lock/lvm" "/run/lvm" "/etc/lvm" }}
+{{- $state := printf "%s/" (trimSuffix "/" .Values.stateDir) }}
+{{- range .Values.pools }}
+{{- $lock := .lock_dir | default "/run/lock/lvm" | trimSuffix "/" }}
+{{- if and (eq .type "lvmthin") (not (hasPrefix $state $lock)) }}{{ $dirs = append $dirs $lock }}{{ end }}
+{{- end }}
+{{- $dirs | uniq | toJson -}}
+{{- end -}}
+
 {{/* the driver's pool configuration (pools.yaml) */}}
 {{- define "flotilla.poolConfig" -}}
 {{- $pools := list }}
