@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import stat
+import struct
 import subprocess
 import threading
 import time
@@ -47,6 +48,11 @@ TIMEOUT_FSCK = 600.0
 KILL_GRACE = 5.0
 #: how long a detach may stay pending (device held open elsewhere) before we move on
 LOOP_DETACH_WAIT = 10.0
+#: ioctl of <linux/loop.h>: struct loop_info64 of a loop device
+LOOP_GET_STATUS64 = 0x4C05
+#: lo_device, lo_inode, lo_rdevice, lo_offset, lo_sizelimit, lo_number, lo_encrypt_type,
+#: lo_encrypt_key_size, lo_flags, lo_file_name, lo_crypt_name, lo_encrypt_key, lo_init
+LOOP_INFO64 = struct.Struct("=QQQQQIIII64s64s32s2Q")
 TIMEOUT_LVM = 120.0
 #: how long an unmount refused as busy is retried (short-lived references) before the
 #: caller hears FAILED_PRECONDITION
@@ -636,7 +642,6 @@ class System:
 
         ``include_detaching=False`` leaves out devices whose detach is pending (autoclear
         set by a ``losetup -d`` while something still held them open)."""
-        real = os.path.realpath(image)
         found = []
         try:
             names = sorted(e.name for e in os.scandir(os.path.join(self.sys_root, "block"))
@@ -644,13 +649,52 @@ class System:
         except FileNotFoundError:
             return []
         for name in names:
-            backing = self._sys_read("block", name, "loop", "backing_file")
-            if backing is None or backing.removesuffix(" (deleted)") != real:
+            if not self.loop_backed_by("/dev/" + name, image):
                 continue
             if not include_detaching and self.loop_detaching("/dev/" + name):
                 continue
             found.append("/dev/" + name)
         return found
+
+    def loop_backed_by(self, device: str, image: str) -> bool:
+        """Is ``image`` the backing file of the loop device ``device``?
+
+        sysfs's ``backing_file`` names the file as seen from the mount namespace that
+        attached it: a loop the previous node plugin container attached reads as
+        ``/volumes/<id>.img`` (relative to that container's mount) in its successor and on
+        the host. So a path that differs is settled by the kernel's own record of the
+        backing file's device and inode (LOOP_GET_STATUS64)."""
+        backing = self._sys_read("block", os.path.basename(device), "loop", "backing_file")
+        if backing is None:
+            return False
+        real = os.path.realpath(image)
+        if backing.removesuffix(" (deleted)") == real:
+            return True
+        if backing.endswith(" (deleted)"):
+            return False  # an inode number of a deleted file may be reused by a new one
+        try:
+            st = os.stat(real)
+        except OSError:
+            return False
+        return self._loop_backing_id(device) == (st.st_dev, st.st_ino)
+
+    def _loop_backing_id(self, device: str) -> tuple[int, int] | None:
+        """(st_dev, st_ino) of a loop device's backing file, from the kernel."""
+        try:
+            fd = os.open(device, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return None
+        buf = bytearray(LOOP_INFO64.size)
+        try:
+            fcntl.ioctl(fd, LOOP_GET_STATUS64, buf)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        dev, ino = LOOP_INFO64.unpack(buf)[:2]
+        # the kernel's new_encode_dev(): 12-bit major, 20-bit minor
+        major, minor = (dev & 0xFFF00) >> 8, (dev & 0xFF) | ((dev >> 12) & 0xFFF00)
+        return os.makedev(major, minor), ino
 
     def loop_detaching(self, device: str) -> bool:
         """Is a detach of ``device`` pending? (We never set autoclear otherwise.)"""

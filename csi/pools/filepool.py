@@ -110,8 +110,7 @@ class FilePool(Pool):
         """Create (once) and mount an XFS reflink=1 image at ``path`` (like loop-lvm)."""
         current = self.system.mount_at(self.path)
         if current is not None:
-            backing = self.system.loop_backing_file(current.source)
-            if backing and backing.removesuffix(" (deleted)") == self.backing_image:
+            if self.system.loop_backed_by(current.source, self.backing_image):
                 return
             raise Unavailable(
                 f"pool {self.name!r}: {self.path} is a mount of {current.source} "
