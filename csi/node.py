@@ -28,7 +28,7 @@ from csi.errors import (
 )
 from csi.faults import crashpoint
 from csi.locks import KeyedTryLock
-from csi.pools import PoolSet
+from csi.pools import PoolDown, PoolSet
 from csi.pools.base import Pool
 from csi.system import MountInfo, NodePath, System, is_network_fs
 from csi.validation import (
@@ -441,10 +441,16 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     def NodeGetVolumeStats(self, request: csi_pb2.NodeGetVolumeStatsRequest,
                            context: grpc.ServicerContext
                            ) -> csi_pb2.NodeGetVolumeStatsResponse:
-        with self._published_path(request.volume_id, request.volume_path) as (pool, p, m):
-            if pool.network:
-                return self._network_stats(pool, request.volume_id, p)
-            return self._local_stats(pool, request.volume_id, p, m)
+        try:
+            with self._published_path(request.volume_id, request.volume_path) as (pool, p, m):
+                if pool.network:
+                    return self._network_stats(pool, request.volume_id, p)
+                return self._local_stats(pool, request.volume_id, p, m)
+        except PoolDown as down:
+            # the volume's pool failed to start: its condition says why (the kubelet shows
+            # it on the pod), rather than an error the kubelet only logs
+            return csi_pb2.NodeGetVolumeStatsResponse(volume_condition=csi_pb2.VolumeCondition(
+                abnormal=True, message=str(down)))
 
     def _local_stats(self, pool: Pool, volume_id: str, p: NodePath,
                      m: MountInfo) -> csi_pb2.NodeGetVolumeStatsResponse:

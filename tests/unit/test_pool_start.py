@@ -20,8 +20,10 @@ from csi.kube import NODES
 from csi.kube.wiring import node_events
 from csi.locks import KeyedTryLock
 from csi.metrics import PoolCollector
+from csi.node import NodeService
 from csi.pools import PoolDown, PoolFailure, PoolSet
 from csi.pools.base import new_id
+from csi.system import System
 from tests.unit.test_kube import Cluster, GiB, MemoryKubeApi, MemoryPool, on, request
 
 CAP = csi_pb2.VolumeCapability(
@@ -131,6 +133,20 @@ def test_rpcs_of_the_failed_pool_answer_unavailable_naming_it(
     listed = svc.ListVolumes(csi_pb2.ListVolumesRequest(), CTX)
     assert [e.volume.volume_id for e in listed.entries] == [vol.volume_id]
     svc.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vol.volume_id), CTX)
+
+
+def test_volume_stats_of_a_failed_pool_are_an_abnormal_condition_naming_it(
+        pools: tuple[PoolSet, MemoryPool, BrokenPool]) -> None:
+    """The kubelet asks NodeGetVolumeStats of every mounted volume: one whose pool is down
+    gets its condition (shown on the pod), not an error only the kubelet's log has."""
+    ps, _, _ = pools
+    node = NodeService(ps, System(), "node-1", KeyedTryLock(), ["/var/lib/kubelet"], 10)
+    stats = node.NodeGetVolumeStats(csi_pb2.NodeGetVolumeStatsRequest(
+        volume_id=new_id("bad", "vol"), volume_path="/var/lib/kubelet/pods/x/mount"), CTX)
+    assert stats.volume_condition.abnormal
+    assert "pool 'bad'" in stats.volume_condition.message
+    assert "device-mapper is missing" in stats.volume_condition.message
+    assert not stats.usage
 
 
 def test_background_retries_back_off_and_serve_the_pool_once_it_starts() -> None:
