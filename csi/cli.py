@@ -350,6 +350,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except grpc.RpcError as err:
         print(f"{err.code().name}: {err.details()}", file=sys.stderr)
+        if err.code() == grpc.StatusCode.UNIMPLEMENTED:
+            print(f"the driver at {args.endpoint} does not serve `{args.command}`: a "
+                  "--mode node plugin has no Controller service (ask the controller's "
+                  "socket, or read flotilla_pool_volumes in the node's metrics)",
+                  file=sys.stderr)
         return 1
 
 

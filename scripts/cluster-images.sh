@@ -77,11 +77,14 @@ binary_image() {
     stamp "$name" "$tag $key"
 }
 
-tag_of() { cat "$E2E_BIN/$1.version"; }
-binary_image csi-provisioner "$(tag_of csi-provisioner)" "$E2E_BIN/csi-provisioner"
-binary_image csi-snapshotter "$(tag_of csi-snapshotter)" "$E2E_BIN/csi-snapshotter"
-binary_image csi-resizer "$(tag_of csi-resizer)" "$E2E_BIN/csi-resizer"
-binary_image snapshot-controller "$(tag_of snapshot-controller)" "$E2E_BIN/snapshot-controller"
+# the sidecars scripts/e2e-tools.sh built: its .version file is written after the binary
+for name in csi-provisioner csi-snapshotter csi-resizer snapshot-controller; do
+    if [[ ! -x $E2E_BIN/$name || ! -s $E2E_BIN/$name.version ]]; then
+        echo "cluster-images: $E2E_BIN/$name (and its .version) missing: run scripts/e2e-tools.sh first" >&2
+        exit 1
+    fi
+    binary_image "$name" "$(cat "$E2E_BIN/$name.version")" "$E2E_BIN/$name"
+done
 
 # the prebuilt ones: checked against SHA256SUMS, unpacked into the cache
 for name in csi-node-driver-registrar livenessprobe; do

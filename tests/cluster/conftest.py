@@ -6,7 +6,6 @@ brings one up itself and takes it down at the end, asserting nothing is left beh
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -19,11 +18,35 @@ from typing import Any
 
 import pytest
 
-from tests.cluster.rig import NAMESPACE, Cluster, images
-from tests.e2e.cluster import ApiError, Kube, tools_dir
+from tests.cluster.rig import NAMESPACE, Cluster, configured_pools, images, storage_class
+from tests.e2e.cluster import ApiError, Kube, tools_dir, wait_for
 
-STORAGE_CLASS = "flotilla-default"
 SNAPSHOT_CLASS = "flotilla"
+
+
+@dataclass(frozen=True)
+class Pool:
+    """One pool of the chart's `pools` (the rig's FLOTILLA_CLUSTER_POOLS)."""
+
+    name: str
+    type: str
+    storage_class: str
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests taking `pool` run once per configured pool; `@pytest.mark.pool_types(...)`
+    limits a test to pools of those types."""
+    if "pool" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("pool_types")
+    types = marker.args if marker else None
+    pools = [Pool(p["name"], p["type"], storage_class(p)) for p in configured_pools()]
+    params = [pytest.param(p, id=p.name) for p in pools if types is None or p.type in types]
+    if not params:
+        params = [pytest.param(None, id="none", marks=pytest.mark.skip(
+            reason=f"this cluster has no pool of type {'/'.join(types or ())} (the host "
+                   "kernel lacks NFS/device-mapper: tests/vm runs a cluster that has them)"))]
+    metafunc.parametrize("pool", params)
 
 
 @dataclass
@@ -46,16 +69,11 @@ class Env:
         return self.kubectl("exec", "-n", ns, pod, "--", "sh", "-c", script, check=check)
 
     def wait(self, what: str, fn: Any, timeout: float = 180.0, interval: float = 1.0) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            with contextlib.suppress(ApiError, KeyError, TypeError, IndexError, StopIteration):
-                value = fn()
-                if value:
-                    return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout:g}s waiting for {what}\n"
-                                     f"{self.cluster.describe_pods()}")
-            time.sleep(interval)
+        """Poll `fn` (an object not there yet counts as "not yet"); a timeout shows every
+        pod's state."""
+        return wait_for(what, fn, timeout, interval,
+                        ignore=(ApiError, KeyError, TypeError, IndexError, StopIteration),
+                        detail=self.cluster.describe_pods)
 
     def pod_ready(self, ns: str, name: str) -> dict[str, Any] | None:
         pod = self.kube.get("Pod", name, ns)
@@ -86,9 +104,9 @@ class Env:
             spec["securityContext"] = security
         return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec}
 
-    def pvc(self, name: str, size: str = "1Gi", mode: str = "Filesystem",
-            access: str = "ReadWriteOnce", storage_class: str = STORAGE_CLASS,
-            source: dict[str, Any] | None = None) -> dict[str, Any]:
+    def pvc(self, name: str, storage_class: str, size: str = "1Gi", mode: str = "Filesystem",
+            access: str = "ReadWriteOnce", source: dict[str, Any] | None = None
+            ) -> dict[str, Any]:
         spec: dict[str, Any] = {"accessModes": [access], "volumeMode": mode,
                                 "storageClassName": storage_class,
                                 "resources": {"requests": {"storage": size}}}
@@ -135,7 +153,8 @@ def env() -> Iterator[Env]:
             t0 = time.monotonic()
             cluster.down()
             print(f"\ncluster down in {time.monotonic() - t0:.0f}s")
-            assert not cluster.leftovers(), f"cluster-down left: {cluster.leftovers()}"
+            left = cluster.leftovers(data)
+            assert not left, f"cluster-down left: {left}"
 
 
 @pytest.fixture

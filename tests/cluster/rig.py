@@ -14,8 +14,10 @@ helm with its default templates; the values name only the local images and the p
 
 The kubelet keeps the chart's default paths (root /var/lib/kubelet, the node plugin's
 state in /var/lib/flotilla), both made shared mounts for Bidirectional propagation.
-`down` removes what `up` made and nothing else: it refuses to run over a kubelet root or
-state directory that existed before `up`.
+`down` removes what `up` made and nothing else: it refuses to run over a kubelet root that
+existed before `up`. /var/lib/flotilla may exist (the standalone driver's, e.g. after
+`make demo`): the node plugin then serves the pools found there, as it would on any node,
+and `down` leaves the mounts and loop devices that were there before `up` as they were.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,13 +40,23 @@ from typing import Any
 
 import yaml
 
-from tests.e2e.cluster import ApiError, Kube, free_port, kubeconfig, tools_dir
+from tests.e2e.cluster import (
+    ApiError,
+    Kube,
+    free_port,
+    kubeconfig,
+    snapshot_crds,
+    tools_dir,
+    wait_for,
+)
 from tests.helpers import REPO
 
 STATE = Path(os.environ.get("FLOTILLA_CLUSTER_DIR", "/var/lib/flotilla-cluster"))
 KUBELET_ROOT = Path("/var/lib/kubelet")
 NODE_STATE = Path("/var/lib/flotilla")          # the chart's stateDir
 FIXED_DIRS = (KUBELET_ROOT, NODE_STATE, Path("/var/log/containers"), Path("/var/log/pods"))
+#: fixed directories that may exist before `up`: the standalone driver's state
+ADOPTABLE = (NODE_STATE,)
 NAMESPACE = "flotilla-system"
 RELEASE = "flotilla"
 BRIDGE = "flotilla0"
@@ -63,8 +76,25 @@ def run(*argv: str, check: bool = True, **kw: Any) -> subprocess.CompletedProces
     return subprocess.run(list(argv), check=check, text=True, capture_output=True, **kw)
 
 
+def configured_pools() -> list[dict[str, Any]]:
+    """The chart's `pools`: those of the YAML file $FLOTILLA_CLUSTER_POOLS (a `pools:`
+    list, as in a values file), else the chart's default."""
+    path = os.environ.get("FLOTILLA_CLUSTER_POOLS")
+    source = Path(path) if path else REPO / "charts/flotilla/values.yaml"
+    pools: list[dict[str, Any]] = yaml.safe_load(source.read_text())["pools"]
+    return pools
+
+
+def storage_class(pool: dict[str, Any]) -> str:
+    """The StorageClass the chart makes for a pool."""
+    return str(pool.get("storageClass", {}).get("name") or f"flotilla-{pool['name']}")
+
+
 def host_ip() -> str:
-    """The address pods reach the API server at (the node's InternalIP)."""
+    """The address pods reach the API server at (the node's InternalIP):
+    $FLOTILLA_CLUSTER_IP, else the source address of the default route."""
+    if os.environ.get("FLOTILLA_CLUSTER_IP"):
+        return os.environ["FLOTILLA_CLUSTER_IP"]
     out = run("ip", "-4", "route", "get", "1.1.1.1").stdout.split()
     return out[out.index("src") + 1]
 
@@ -72,6 +102,10 @@ def host_ip() -> str:
 def node_name() -> str:
     name = socket.gethostname().lower().split(".")[0]
     return "".join(c if c.isalnum() or c == "-" else "-" for c in name).strip("-") or "node"
+
+
+def images_dir() -> str:
+    return run(str(REPO / "scripts/cluster-images.sh"), "--print").stdout.strip()
 
 
 def images() -> dict[str, str]:
@@ -99,11 +133,26 @@ def under(path: str, roots: tuple[Path, ...]) -> bool:
 
 
 def loops_backed_under(roots: tuple[Path, ...]) -> list[str]:
+    """Loop devices whose backing file lies under `roots`. A loop the node plugin attached
+    names its file as the container saw it (``/pools/default.xfs``), so files are matched
+    by device and inode, not by the path losetup prints."""
+    listing = json.loads(run("losetup", "--list", "--json", "-O",
+                             "NAME,BACK-FILE,BACK-INO,BACK-MAJ:MIN").stdout or "{}")
+    loops = listing.get("loopdevices", [])
+    if not loops:
+        return []
+    files = set()
+    for root in roots:
+        for parent, _, names in os.walk(root):
+            for name in names:
+                with contextlib.suppress(OSError):
+                    st = os.lstat(os.path.join(parent, name))
+                    files.add((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino))
     out = []
-    for dev in Path("/sys/block").glob("loop*"):
-        backing = dev / "loop" / "backing_file"
-        if backing.exists() and under(backing.read_text().strip(), roots):
-            out.append(f"/dev/{dev.name}")
+    for loop in loops:
+        major, minor = (int(n) for n in loop["back-maj:min"].split(":"))
+        if (major, minor, int(loop["back-ino"])) in files or under(loop["back-file"], roots):
+            out.append(loop["name"])
     return out
 
 
@@ -201,17 +250,12 @@ class Cluster:
 
     def wait(self, what: str, fn: Any, timeout: float = 180.0, interval: float = 1.0,
              procs: tuple[str, ...] = ()) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            if procs:
-                self.check_alive(procs)
-            with contextlib.suppress(ApiError, OSError, ValueError, KeyError, TypeError):
-                value = fn()
-                if value:
-                    return value
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"timed out after {timeout:g}s waiting for {what}")
-            time.sleep(interval)
+        """Poll `fn` (API and OS errors count as "not yet"); give up as soon as one of
+        `procs` has died."""
+        return wait_for(what, fn, timeout, interval,
+                        ignore=(ApiError, OSError, ValueError, KeyError, TypeError),
+                        check=(lambda: self.check_alive(procs)) if procs else None,
+                        error=RuntimeError)
 
     # ---- up -------------------------------------------------------------------------------
 
@@ -226,9 +270,10 @@ class Cluster:
         if os.geteuid() != 0:
             raise RuntimeError("the cluster needs root (kubelet, containerd, mounts)")
         for d in FIXED_DIRS:
-            if d.exists() and not self.record().get("made", {}).get(str(d)):
+            if (d.exists() and d not in ADOPTABLE
+                    and not self.record().get("made", {}).get(str(d))):
                 raise RuntimeError(f"{d} exists and was not made by this cluster: a kubelet "
-                                   "or Flotilla node may already run here; not touching it")
+                                   "may already run here; not touching it")
         t0 = time.monotonic()
         bindir = tools_dir()
         run(str(REPO / "scripts/e2e-tools.sh"))  # builds what is missing
@@ -240,6 +285,10 @@ class Cluster:
         data["node"] = node_name()
         data["ip"] = host_ip()
         data["t0"] = time.time()
+        roots = (self.state, *FIXED_DIRS)
+        # what was there before (a standalone driver's pool): down leaves it as it was
+        data.setdefault("before", {"mounts": [p for p, _ in mounts() if under(p, roots)],
+                                   "loops": loops_backed_under(roots)})
         for d in FIXED_DIRS:
             if not d.exists():
                 d.mkdir(parents=True)
@@ -260,6 +309,9 @@ class Cluster:
     def print_env(self) -> None:
         print(f"export KUBECONFIG={self.kubeconfig}")
         print(f"export PATH={tools_dir()}:$PATH   # kubectl, helm")
+        busybox = (Path(images_dir()) / "images.env").read_text().split("BUSYBOX_IMAGE=")
+        if len(busybox) > 1:
+            print(f"# no registry here: workload pods can use {busybox[1].split()[0]}")
 
     def _pki(self, ip: str) -> None:
         pki = self.state / "pki"
@@ -399,7 +451,8 @@ state = "{run_dir / 'containerd'}"
         # node plugin's state directory
         for shared in (KUBELET_ROOT, NODE_STATE):
             if not any(p == str(shared) for p, _ in mounts()):
-                run("mount", "--bind", str(shared), str(shared))
+                # recursive: a pool mounted there before stays visible to the node plugin
+                run("mount", "--rbind", str(shared), str(shared))
             run("mount", "--make-rshared", str(shared))
         (d / "kube-proxy.yaml").write_text(yaml.safe_dump({
             "apiVersion": "kubeproxy.config.k8s.io/v1alpha1", "kind": "KubeProxyConfiguration",
@@ -471,7 +524,8 @@ state = "{run_dir / 'containerd'}"
     def _install(self, bindir: Path, imgs: dict[str, str]) -> None:
         log("helm install")
         values = self.state / "values.yaml"
-        values.write_text(yaml.safe_dump(self.values(imgs)))
+        pools = configured_pools() if os.environ.get("FLOTILLA_CLUSTER_POOLS") else None
+        values.write_text(yaml.safe_dump(self.values(imgs, pools)))
         run(str(bindir / "helm"), "upgrade", "--install", RELEASE, str(REPO / "charts/flotilla"),
             "--namespace", NAMESPACE, "--create-namespace", "--values", str(values),
             env=self.helm_env())
@@ -598,10 +652,13 @@ state = "{run_dir / 'containerd'}"
                         os.kill(int(proc.name), signal.SIGKILL)
 
     def _cleanup(self, data: dict[str, Any]) -> None:
-        roots = (self.state, *FIXED_DIRS)
-        # mounts under our directories, deepest first (lazy where something holds them)
-        for point, _ in sorted((m for m in mounts() if under(m[0], roots)),
-                               key=lambda m: -len(m[0])):
+        # loops over files in the pools (raw block volumes, the pool's own image) first,
+        # while their files can still be found: a mounted loop clears when unmounted
+        for dev in self._new_loops(data):
+            run("losetup", "--detach", dev, check=False)
+        # mounts under our directories, deepest first (lazy where something holds them);
+        # umount takes the topmost at a path, so one made over one from before goes first
+        for point in sorted(self._new_mounts(data).elements(), key=lambda p: -len(p)):
             if run("umount", point, check=False).returncode != 0:
                 run("umount", "-l", point, check=False)
         # the pods' network namespaces (containerd makes them in /run/netns)
@@ -612,7 +669,7 @@ state = "{run_dir / 'containerd'}"
                     run("umount", str(ns), check=False)
                     with contextlib.suppress(OSError):
                         ns.unlink()
-        for dev in loops_backed_under(roots):
+        for dev in self._new_loops(data):
             run("losetup", "--detach", dev, check=False)
         run("ip", "link", "delete", BRIDGE, check=False)
         for family in ("ip", "ip6"):
@@ -628,24 +685,30 @@ state = "{run_dir / 'containerd'}"
         if not any(under(p, (self.state,)) for p, _ in mounts()):
             shutil.rmtree(self.state, ignore_errors=True)
 
-    def leftovers(self) -> list[str]:
-        """What a clean `down` must not leave behind (the tier asserts it is empty)."""
+    def _new_mounts(self, data: dict[str, Any]) -> Counter[str]:
+        """Mount points under our directories, less those there before `up`."""
         roots = (self.state, *FIXED_DIRS)
-        found = [f"mount {p}" for p, _ in mounts() if under(p, roots)]
-        found += [f"loop {dev}" for dev in loops_backed_under(roots)]
+        now = Counter(p for p, _ in mounts() if under(p, roots))
+        return now - Counter(data.get("before", {}).get("mounts", []))
+
+    def _new_loops(self, data: dict[str, Any]) -> list[str]:
+        before = set(data.get("before", {}).get("loops", []))
+        return [d for d in loops_backed_under((self.state, *FIXED_DIRS)) if d not in before]
+
+    def leftovers(self, data: dict[str, Any]) -> list[str]:
+        """What a clean `down` must not leave behind (the tier asserts it is empty): `data`
+        is the record of the `up` it follows."""
+        found = [f"mount {p}" for p in self._new_mounts(data).elements()]
+        found += [f"loop {dev}" for dev in self._new_loops(data)]
         if Path(f"/sys/class/net/{BRIDGE}").exists():
             found.append(f"link {BRIDGE}")
         if run("nft", "list", "table", "ip", "kube-proxy", check=False).returncode == 0:
             found.append("nftables table ip kube-proxy")
         found += [f"cgroup {cg}" for cg in self._cgroup_dirs()]
         found += [f"process {n}" for n in self.running()]
-        found += [f"dir {d}" for d in (self.state, *FIXED_DIRS) if d.exists()]
+        made = [Path(d) for d, m in data.get("made", {}).items() if m]
+        found += [f"dir {d}" for d in (self.state, *made) if d.exists()]
         return found
-
-
-def snapshot_crds() -> list[Path]:
-    from tests.e2e.test_e2e import snapshot_crds as crds
-    return crds()
 
 
 def main() -> int:
@@ -656,8 +719,9 @@ def main() -> int:
     if args.action == "up":
         cluster.up()
     elif args.action == "down":
+        data = cluster.record()
         cluster.down()
-        left = cluster.leftovers()
+        left = cluster.leftovers(data)
         if left:
             log("left behind: " + ", ".join(left))
             return 1

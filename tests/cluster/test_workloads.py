@@ -1,4 +1,5 @@
-"""A user's flows on the real node: workloads on PVCs of the chart's filepool.
+"""A user's flows on the real node: workloads on PVCs of each of the chart's pools (the
+host's cluster has the default filepool; tests/vm's guest cluster the lvmthin and nfs ones).
 
 Everything goes through the API server as a user would (kubectl-equivalent calls, real
 pods, `kubectl exec`); the kubelet does the CSI calls, through the node-driver-registrar's
@@ -11,8 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.cluster.conftest import SNAPSHOT_CLASS, Env, metrics
-from tests.cluster.rig import NAMESPACE
+import pytest
+
+from tests.cluster.conftest import SNAPSHOT_CLASS, Env, Pool, metrics
+from tests.cluster.rig import NAMESPACE, configured_pools, storage_class
 
 GI = 1 << 30
 
@@ -56,17 +59,24 @@ def test_the_chart_registers_serves_and_reports(env: Env) -> None:
         assert any(line.startswith("flotilla_") for line in text.splitlines()), text[:500]
     status, text = env.http(f"http://{node_pods[0]['status']['podIP']}:9830/metrics")
     sizes = metrics(text, "flotilla_pool_size_bytes")
-    assert any(labels.get("pool") == "default" and value > 0 for labels, value in sizes), sizes
+    for pool in configured_pools():
+        assert any(labels.get("pool") == pool["name"] and value > 0
+                   for labels, value in sizes), (pool["name"], sizes)
+        up = [v for labels, v in metrics(text, "flotilla_pool_up")
+              if labels.get("pool") == pool["name"]]
+        assert up == [1.0], (pool["name"], up)
 
-    capacities = env.wait("CSIStorageCapacity for the node", lambda: [
-        c for c in env.kube.list("CSIStorageCapacity", NAMESPACE)
-        if c["storageClassName"] == "flotilla-default"
-        and c["nodeTopology"]["matchLabels"] == {"topology.flotilla.csi.io/node": env.node}
-        and c.get("capacity")])
-    assert len(capacities) == 1
+    # one CSIStorageCapacity per node and node-local pool (a shared pool's has no node)
+    for sc in (storage_class(p) for p in configured_pools() if p["type"] != "nfs"):
+        capacities = env.wait(f"CSIStorageCapacity of {sc} for the node", lambda sc=sc: [
+            c for c in env.kube.list("CSIStorageCapacity", NAMESPACE)
+            if c["storageClassName"] == sc
+            and c["nodeTopology"]["matchLabels"] == {"topology.flotilla.csi.io/node": env.node}
+            and c.get("capacity")])
+        assert len(capacities) == 1, (sc, capacities)
 
 
-def test_statefulset_data_outlives_its_pod(env: Env, ns: str) -> None:
+def test_statefulset_data_outlives_its_pod(env: Env, ns: str, pool: Pool) -> None:
     """A StatefulSet pod writes to its WaitForFirstConsumer PVC; its successor reads it."""
     sts = {
         "apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "db"},
@@ -75,7 +85,7 @@ def test_statefulset_data_outlives_its_pod(env: Env, ns: str) -> None:
             "selector": {"matchLabels": {"app": "db"}},
             "template": {"metadata": {"labels": {"app": "db"}},
                          "spec": env.pod("x", [], DATA)["spec"]},
-            "volumeClaimTemplates": [env.pvc("data", "1Gi")],
+            "volumeClaimTemplates": [env.pvc("data", pool.storage_class, "1Gi")],
         }}
     env.kube.create(sts, ns)
     first = env.wait_pod(ns, "db-0")
@@ -93,8 +103,9 @@ def test_statefulset_data_outlives_its_pod(env: Env, ns: str) -> None:
     assert env.pvc_bound(ns, "data-db-0")["spec"]["volumeName"] == pvc["spec"]["volumeName"]
 
 
-def test_raw_block_volume(env: Env, ns: str) -> None:
-    env.kube.create(env.pvc("raw", "64Mi", mode="Block"), ns)
+@pytest.mark.pool_types("filepool", "lvmthin")  # an nfs pool serves filesystems only
+def test_raw_block_volume(env: Env, ns: str, pool: Pool) -> None:
+    env.kube.create(env.pvc("raw", pool.storage_class, "64Mi", mode="Block"), ns)
     pod = env.pod("raw", [{"name": "raw", "persistentVolumeClaim": {"claimName": "raw"}}],
                   [], devices=[{"name": "raw", "devicePath": "/dev/xvda"}])
     env.kube.create(pod, ns)
@@ -111,8 +122,8 @@ def snapshot_ready(env: Env, ns: str, name: str) -> bool:
     return bool(snap and snap.get("status", {}).get("readyToUse"))
 
 
-def test_snapshot_restore_and_clone_of_a_volume_in_use(env: Env, ns: str) -> None:
-    env.kube.create(env.pvc("src", "1Gi"), ns)
+def test_snapshot_restore_and_clone_of_a_volume_in_use(env: Env, ns: str, pool: Pool) -> None:
+    env.kube.create(env.pvc("src", pool.storage_class, "1Gi"), ns)
     env.kube.create(env.pod("writer", [pvc_volume("src")], DATA,
                             script="echo snap-data > /data/file; sync"), ns)
     env.wait_pod(ns, "writer")
@@ -125,10 +136,10 @@ def test_snapshot_restore_and_clone_of_a_volume_in_use(env: Env, ns: str) -> Non
     env.wait("the snapshot readyToUse", lambda: snapshot_ready(env, ns, "snap"))
     env.sh(ns, "writer", "echo after-snapshot > /data/file; sync")
 
-    env.kube.create(env.pvc("restored", "2Gi", source={
+    env.kube.create(env.pvc("restored", pool.storage_class, "2Gi", source={
         "apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": "snap"}), ns)
-    env.kube.create(env.pvc("clone", "1Gi", source={"kind": "PersistentVolumeClaim",
-                                                    "name": "src"}), ns)
+    env.kube.create(env.pvc("clone", pool.storage_class, "1Gi", source={
+        "kind": "PersistentVolumeClaim", "name": "src"}), ns)
     env.kube.create(env.pod("reader", [pvc_volume("restored"),
                                        {"name": "clone",
                                         "persistentVolumeClaim": {"claimName": "clone"}}],
@@ -139,17 +150,17 @@ def test_snapshot_restore_and_clone_of_a_volume_in_use(env: Env, ns: str) -> Non
     assert 1.8 * GI <= df_bytes(env, ns, "reader") <= 2 * GI  # restored larger
 
 
-def test_online_expansion_seen_by_the_running_pod(env: Env, ns: str) -> None:
+def test_online_expansion_seen_by_the_running_pod(env: Env, ns: str, pool: Pool) -> None:
     """The PVC grows while its pod runs; the pod sees the new size without a restart.
     XFS: ext4's online growth needs CAP_SYS_RESOURCE, which this host's root lacks (the
     driver then grows it at the next stage; tests/integration covers that)."""
     env.kube.create({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
                      "metadata": {"name": f"{ns}-xfs"}, "provisioner": "flotilla.csi.io",
-                     "parameters": {"pool": "default", "csi.storage.k8s.io/fstype": "xfs"},
+                     "parameters": {"pool": pool.name, "csi.storage.k8s.io/fstype": "xfs"},
                      "allowVolumeExpansion": True,
                      "volumeBindingMode": "WaitForFirstConsumer"})
     try:
-        env.kube.create(env.pvc("grow", "1Gi", storage_class=f"{ns}-xfs"), ns)
+        env.kube.create(env.pvc("grow", f"{ns}-xfs", "1Gi"), ns)
         env.kube.create(env.pod("app", [pvc_volume("grow")], DATA), ns)
         pod = env.wait_pod(ns, "app")
         before = df_bytes(env, ns, "app")
@@ -167,9 +178,10 @@ def test_online_expansion_seen_by_the_running_pod(env: Env, ns: str) -> None:
         env.kube.delete("StorageClass", f"{ns}-xfs")
 
 
-def test_fsgroup_readwriteoncepod_and_read_only(env: Env, ns: str) -> None:
+def test_fsgroup_readwriteoncepod_and_read_only(env: Env, ns: str, pool: Pool) -> None:
     # fsGroup: the volume's root belongs to the group and a non-root user can write
-    env.kube.create(env.pvc("shared", "256Mi", access="ReadWriteOncePod"), ns)
+    env.kube.create(env.pvc("shared", pool.storage_class, "256Mi",
+                            access="ReadWriteOncePod"), ns)
     env.kube.create(env.pod("owner", [pvc_volume("shared")], DATA,
                             security={"runAsUser": 1000, "runAsGroup": 1000,
                                       "fsGroup": 2000}), ns)
@@ -192,7 +204,7 @@ def test_fsgroup_readwriteoncepod_and_read_only(env: Env, ns: str) -> None:
     assert env.kube.get("Pod", "intruder", ns)["status"]["phase"] == "Pending"
 
     # readOnly: both ways a pod can ask for it
-    env.kube.create(env.pvc("ro", "256Mi"), ns)
+    env.kube.create(env.pvc("ro", pool.storage_class, "256Mi"), ns)
     env.kube.create(env.pod("seed", [pvc_volume("ro")], DATA,
                             script="echo seeded > /data/f; sync"), ns)
     env.wait_pod(ns, "seed")
@@ -209,12 +221,13 @@ def test_fsgroup_readwriteoncepod_and_read_only(env: Env, ns: str) -> None:
         assert "Read-only file system" in out and "rc=1" in out, out
 
 
-def test_node_plugin_restart_does_not_stop_a_writing_workload(env: Env, ns: str) -> None:
+def test_node_plugin_restart_does_not_stop_a_writing_workload(env: Env, ns: str,
+                                                              pool: Pool) -> None:
     """The node plugin pod is deleted while a workload writes: the workload keeps writing;
     the new plugin pod serves unpublish and unstage afterwards."""
-    env.kube.create(env.pvc("log", "256Mi"), ns)
+    env.kube.create(env.pvc("log", pool.storage_class, "256Mi"), ns)
     env.kube.create(env.pod("writer", [pvc_volume("log")], DATA, script=(
-        "(while :; do date +%s%N >> /data/log; sync /data/log 2>/dev/null; sleep 0.2; done) &")),
+        "(while :; do date +%s >> /data/log; sync /data/log 2>/dev/null; sleep 0.2; done) &")),
         ns)
     pod = env.wait_pod(ns, "writer")
     old = env.flotilla_pods("node")[0]
@@ -227,8 +240,8 @@ def test_node_plugin_restart_does_not_stop_a_writing_workload(env: Env, ns: str)
     lines = int(env.sh(ns, "writer", "wc -l < /data/log"))
     time.sleep(2)
     assert int(env.sh(ns, "writer", "wc -l < /data/log")) > lines  # still writing
-    last = int(env.sh(ns, "writer", "tail -1 /data/log")) / 1e9
-    assert last > deleted_at
+    last = int(env.sh(ns, "writer", "tail -1 /data/log"))  # busybox date: seconds
+    assert last >= int(deleted_at)
 
     # the new plugin serves unpublish/unstage: the pod goes, its mounts with it
     uid = pod["metadata"]["uid"]
@@ -245,12 +258,47 @@ def test_node_plugin_restart_does_not_stop_a_writing_workload(env: Env, ns: str)
     assert new["spec"]["nodeName"] == env.node
 
 
+@pytest.mark.pool_types("nfs")
+def test_two_deployments_share_a_readwritemany_claim(env: Env, ns: str, pool: Pool) -> None:
+    """Pods of two Deployments write to one ReadWriteMany claim; each reads the other's."""
+    env.kube.create(env.pvc("shared", pool.storage_class, "256Mi", access="ReadWriteMany"), ns)
+    for app in ("a", "b"):
+        spec = env.pod("x", [pvc_volume("shared")], DATA, script=(
+            f"(i=0; while :; do i=$((i+1)); echo {app}-$i >> /data/{app}.log; sleep 0.5; "
+            "done) &"))["spec"]
+        env.kube.create({
+            "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": app},
+            "spec": {"replicas": 1, "selector": {"matchLabels": {"app": app}},
+                     "template": {"metadata": {"labels": {"app": app}}, "spec": spec}}}, ns)
+
+    def ready_pod(app: str) -> str:
+        pods = [p["metadata"]["name"] for p in env.kube.list("Pod", ns, f"app={app}")
+                if env.pod_ready(ns, p["metadata"]["name"])]
+        return pods[0] if pods else ""
+    pods = {app: env.wait(f"a Ready pod of Deployment {app}", lambda app=app: ready_pod(app))
+            for app in ("a", "b")}
+    for app, other in (("a", "b"), ("b", "a")):
+        env.wait(f"{app} to read {other}'s writes", lambda app=app, other=other: int(
+            env.sh(ns, pods[app], f"wc -l < /data/{other}.log").strip() or 0) >= 3)
+
+
 def test_deleting_workloads_and_claims_empties_the_pool(env: Env, ns: str) -> None:
-    """Runs last in this file: with every earlier namespace gone, no volume is left."""
+    """Runs last in this file: with every earlier namespace gone, no volume or snapshot is
+    left in any pool, as the node plugin's and controllers' metrics report them."""
     env.wait("every FlotillaVolume to go", lambda: not env.kube.list("FlotillaVolume"),
              timeout=120)
     assert not env.kube.list("PersistentVolume")
+    assert not env.kube.list("FlotillaSnapshot")
+    names = {p["name"] for p in configured_pools()}
+    for pod, port in ([(p, 9830) for p in env.flotilla_pods("node")]
+                      + [(p, 9820) for p in env.flotilla_pods("controller")]):
+        status, text = env.http(f"http://{pod['status']['podIP']}:{port}/metrics")
+        assert status == 200
+        for metric in ("flotilla_pool_volumes", "flotilla_pool_snapshots"):
+            counts = {labels["pool"]: value for labels, value in metrics(text, metric)}
+            assert all(counts.get(n, 0) == 0 for n in names), (pod["metadata"]["name"],
+                                                               metric, counts)
     node = env.flotilla_pods("node")[0]
     out = env.kubectl("exec", "-n", NAMESPACE, node["metadata"]["name"], "-c", "flotilla",
-                      "--", "flotillactl", "--endpoint", "unix:///csi/csi.sock", "volumes")
-    assert "pvc-" not in out, out
+                      "--", "flotillactl", "--endpoint", "unix:///csi/csi.sock", "pools")
+    assert all(" serving " in line for line in out.splitlines()[1:]), out

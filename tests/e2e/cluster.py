@@ -156,14 +156,40 @@ class Kube:
 
     def wait(self, what: str, fn: Callable[[], Any], timeout: float = 120.0,
              interval: float = 0.5) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
+        return wait_for(what, fn, timeout, interval)
+
+
+def wait_for(what: str, fn: Callable[[], Any], timeout: float = 120.0, interval: float = 0.5,
+             *, ignore: tuple[type[BaseException], ...] = (),
+             check: Callable[[], None] | None = None, detail: Callable[[], str] | None = None,
+             error: type[Exception] = AssertionError) -> Any:
+    """Call `fn` until it returns something truthy, and return that. An exception in
+    `ignore` counts as "not yet"; `check` runs before each try and gives up early by
+    raising; past `timeout` seconds, `error` names `what` (and `detail()`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if check is not None:
+            check()
+        try:
             value = fn()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-            time.sleep(interval)
+        except ignore:
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            extra = f"\n{detail()}" if detail is not None else ""
+            raise error(f"timed out after {timeout:g}s waiting for {what}{extra}")
+        time.sleep(interval)
+
+
+def snapshot_crds() -> list[Path]:
+    """The snapshot CRDs of external-snapshotter's client module (Go module cache)."""
+    out = subprocess.run(
+        ["go", "mod", "download", "-json",
+         "github.com/kubernetes-csi/external-snapshotter/client/v8@v8.6.0"],
+        check=True, capture_output=True, text=True, cwd="/").stdout
+    directory = Path(json.loads(out)["Dir"]) / "config" / "crd"
+    return sorted(directory.glob("snapshot.storage.k8s.io_*.yaml"))
 
 
 def kubeconfig(path: Path, server: str, token: str, user: str) -> Path:

@@ -12,7 +12,6 @@ with tokens of the chart's ServiceAccounts).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import subprocess
@@ -30,7 +29,7 @@ import yaml
 
 from csi._proto import csi_pb2
 from tests.conftest import require_root
-from tests.e2e.cluster import ControlPlane, Kube, free_port, missing_tools
+from tests.e2e.cluster import ControlPlane, Kube, free_port, missing_tools, snapshot_crds
 from tests.helpers import (
     REPO,
     CSIClient,
@@ -57,16 +56,6 @@ def example(name: str, namespace: str) -> dict[str, Any]:
     obj: dict[str, Any] = yaml.safe_load((EXAMPLES / name).read_text())
     obj["metadata"]["namespace"] = namespace
     return obj
-
-
-def snapshot_crds() -> list[Path]:
-    """The snapshot CRDs of external-snapshotter's client module (Go module cache)."""
-    out = subprocess.run(
-        ["go", "mod", "download", "-json",
-         "github.com/kubernetes-csi/external-snapshotter/client/v8@v8.6.0"],
-        check=True, capture_output=True, text=True, cwd="/").stdout
-    directory = Path(json.loads(out)["Dir"]) / "config" / "crd"
-    return sorted(directory.glob("snapshot.storage.k8s.io_*.yaml"))
 
 
 def replace_args(args: list[str], changes: dict[str, str | None]) -> list[str]:
