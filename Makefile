@@ -61,7 +61,7 @@ cluster-down: ## stop the cluster of cluster-up by PID and remove its mounts, lo
 
 .PHONY: test-cluster
 test-cluster: setup-test ## tests/cluster: user flows on the real node (uses a running cluster-up cluster, else its own)
-	FLOTILLA_CLUSTER_TIER=1 $(PYTEST) tests/cluster
+	$(PYTEST) tests/cluster
 
 .PHONY: test
 test: setup-test lint typecheck ## everything CI runs: lint, types and every test tier
