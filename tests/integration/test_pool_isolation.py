@@ -70,9 +70,10 @@ def test_good_pool_serves_beside_pools_that_cannot_start(xfs: Path, workdir: Pat
             err = rpc_error(c.controller.DeleteVolume, csi_pb2.DeleteVolumeRequest(
                 volume_id=new_id(pool, "vol")))
             assert err.code() == grpc.StatusCode.UNAVAILABLE and cause in err.details()
-            err = rpc_error(c.node.NodeGetVolumeStats, csi_pb2.NodeGetVolumeStatsRequest(
+            # the kubelet's volume stats: an abnormal condition naming the cause
+            stats = c.node.NodeGetVolumeStats(csi_pb2.NodeGetVolumeStatsRequest(
                 volume_id=new_id(pool, "vol"), volume_path=str(workdir)))
-            assert err.code() == grpc.StatusCode.UNAVAILABLE
+            assert stats.volume_condition.abnormal and cause in stats.volume_condition.message
             cap = c.controller.GetCapacity(csi_pb2.GetCapacityRequest(
                 parameters={"pool": pool}))
             assert cap.available_capacity == 0
