@@ -32,7 +32,9 @@ REGISTRY=flotilla.local   # a name only: nothing is pulled
 SUITE=bookworm
 PACKAGES=(python3 python3-venv util-linux mount e2fsprogs xfsprogs btrfs-progs lvm2
           thin-provisioning-tools nfs-common ca-certificates)
-SHARED=$REPO/../shared/bin
+# prebuilt kubernetes-csi binaries (see their README); a checkout elsewhere (a clone under
+# /tmp) names them with FLOTILLA_SHARED_BIN, or uses what an earlier run unpacked
+SHARED=${FLOTILLA_SHARED_BIN:-$REPO/../shared/bin}
 
 log() { printf '[cluster-images] %s\n' "$*" >&2; }
 [[ $(id -u) -eq 0 ]] || { echo "cluster-images.sh needs root (debootstrap, chroot)" >&2; exit 1; }
@@ -58,7 +60,8 @@ layer_of() {
 # links), entrypoint /NAME
 binary_image() {
     local name=$1 tag=$2 src=$3 key dir
-    key=$( (cat "$src"; ldd "$src" 2>/dev/null || true) | hash)
+    # (ldd's load addresses change with every run: left out of the key)
+    key=$( (cat "$src"; ldd "$src" 2>/dev/null | sed 's/ (0x[0-9a-f]*)//' || true) | hash)
     current "$name" "$tag $key" && return 0
     log "image $REGISTRY/$name:$tag"
     dir=$(mktemp -d "$CACHE/build/$name.XXXX")
@@ -86,21 +89,28 @@ for name in csi-provisioner csi-snapshotter csi-resizer snapshot-controller; do
     binary_image "$name" "$(cat "$E2E_BIN/$name.version")" "$E2E_BIN/$name"
 done
 
-# the prebuilt ones: checked against SHA256SUMS, unpacked into the cache
+# the prebuilt ones: checked against SHA256SUMS, unpacked into the cache with their tag
+# (the README's table: | file | upstream | tag | ...)
 for name in csi-node-driver-registrar livenessprobe; do
     unpacked=$CACHE/build/$name
-    if [[ ! -x $unpacked || $SHARED/$name.xz -nt $unpacked ]]; then
-        (cd "$SHARED" && grep " $name.xz\$" SHA256SUMS | sha256sum -c --quiet -)
-        xz -dc "$SHARED/$name.xz" >"$unpacked.part"
-        chmod +x "$unpacked.part"
-        mv "$unpacked.part" "$unpacked"
+    if [[ -f $SHARED/$name.xz ]]; then
+        if [[ ! -x $unpacked || ! -s $unpacked.tag || $SHARED/$name.xz -nt $unpacked ]]; then
+            (cd "$SHARED" && grep " $name.xz\$" SHA256SUMS | sha256sum -c --quiet -)
+            xz -dc "$SHARED/$name.xz" >"$unpacked.part"
+            chmod +x "$unpacked.part"
+            awk -F'|' -v f="$name.xz" '$2 ~ f {gsub(/ /,"",$4); print $4}' "$SHARED/README.md" \
+                >"$unpacked.tag"
+            [[ -s $unpacked.tag ]] || { echo "cluster-images: no tag for $name.xz in $SHARED/README.md" >&2; exit 1; }
+            mv "$unpacked.part" "$unpacked"
+        fi
+    elif [[ -x $unpacked && -s $unpacked.tag ]]; then
+        log "$name: $SHARED is not here; using the one unpacked before ($(cat "$unpacked.tag"))"
+    else
+        echo "cluster-images: $SHARED/$name.xz is missing (the module proxy refuses $name, so it comes prebuilt): set FLOTILLA_SHARED_BIN to the directory that holds it" >&2
+        exit 1
     fi
+    binary_image "$name" "$(cat "$unpacked.tag")" "$unpacked"
 done
-# the README's table: | file | upstream | tag | ...
-REGISTRAR_TAG=$(awk -F'|' '$2 ~ /csi-node-driver-registrar.xz/ {gsub(/ /,"",$4); print $4}' "$SHARED/README.md")
-LIVENESS_TAG=$(awk -F'|' '$2 ~ /livenessprobe.xz/ {gsub(/ /,"",$4); print $4}' "$SHARED/README.md")
-binary_image csi-node-driver-registrar "$REGISTRAR_TAG" "$CACHE/build/csi-node-driver-registrar"
-binary_image livenessprobe "$LIVENESS_TAG" "$CACHE/build/livenessprobe"
 
 # ---- pause -----------------------------------------------------------------------------
 PAUSE_TAG=3.10
