@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import hashlib
 import lzma
 import os
@@ -105,6 +106,15 @@ mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 job /mnt/job \
     || { say "cannot mount the job directory over 9p"; finish 252; }
 mount -t tmpfs -o mode=0755,size=$(arg tmpfs) rw /mnt/rw
 mkdir -p /mnt/rw/upper /mnt/rw/work
+# paths of the host that the guest must not see (/job/hide, one a line): whiteouts in the
+# upper layer, made before the overlay is mounted
+if [ -f /mnt/job/hide ]; then
+    while read -r p; do
+        case "$p" in /?*) ;; *) continue ;; esac
+        mkdir -p "/mnt/rw/upper${p%/*}" && mknod "/mnt/rw/upper$p" c 0 0 \
+            || { say "cannot hide $p"; finish 254; }
+    done < /mnt/job/hide
+fi
 mount -t overlay -o lowerdir=/mnt/host,upperdir=/mnt/rw/upper,workdir=/mnt/rw/work,xino=off \
     overlay /newroot || { say "cannot mount the overlay root"; finish 253; }
 for d in proc sys dev run tmp job; do mkdir -p /newroot/$d; done
@@ -241,6 +251,23 @@ class ModuleIndex:
         return groups
 
 
+def module_tree(k: Kernel) -> Path:
+    """The kernel's whole module directory, indexed (``modules.dep``, ``modules.alias``)
+    by busybox ``depmod`` once, so that busybox ``modprobe`` can load any module and its
+    dependencies: a guest that bind-mounts it at ``/lib/modules/<version>`` (also under
+    ``/proc/1/root``, where the kernel's ``request_module`` runs ``/sbin/modprobe``) has
+    modules loaded on demand (``ip link add type veth``, ``nft``, ``mount -t nfs``)."""
+    done = k.root / ".depmod-complete"
+    if not done.exists():
+        with open(k.root / ".depmod.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not done.exists():
+                subprocess.run([str(BUSYBOX), "depmod", "-b", str(k.root), k.version],
+                               check=True, capture_output=True)
+                done.touch()
+    return k.modules
+
+
 def _cpio_newc(entries: Sequence[tuple[str, int, bytes, tuple[int, int]]]) -> bytes:
     """A newc cpio archive of (name, mode, data, (rdev major, minor)) entries."""
     out = bytearray()
@@ -368,6 +395,7 @@ def run_in_guest(
     tmpfs_size: str = "75%",
     guest_timeout: float | None = None,
     cpu: str = "max",
+    hide: Sequence[str] = (),
 ) -> GuestResult:
     """Run ``script`` (POSIX sh, cwd ``/job``) as root in a fresh guest.
 
@@ -378,14 +406,18 @@ def run_in_guest(
     (a temporary one, removed afterwards, when omitted). ``timeout`` bounds the whole
     run (qemu is killed); the script itself is killed inside the guest after
     ``guest_timeout`` (default: 20 s before ``timeout``) so its output survives.
+    ``hide``: absolute paths of the host's root that do not exist in the guest (whiteouts
+    in the overlay, e.g. the state of a cluster running on the host).
     """
     vmlinux_path, initrd = prepare(modules)
     own_jobdir = jobdir is None
     job = Path(tempfile.mkdtemp(prefix="flotilla-guest-", dir="/var/tmp")) if jobdir is None \
         else jobdir
     job.mkdir(parents=True, exist_ok=True)
-    for stale in ("rc", "output.log", "console.log"):
+    for stale in ("rc", "output.log", "console.log", "hide"):
         (job / stale).unlink(missing_ok=True)
+    if hide:
+        (job / "hide").write_text("".join(f"{os.path.normpath(h)}\n" for h in hide))
     exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in (env or {}).items())
     (job / "job.sh").write_text(f"set -e\n{exports}{script}\n")
     diskdir = Path(tempfile.mkdtemp(prefix="flotilla-disks-", dir="/var/tmp"))
@@ -481,6 +513,10 @@ class GuestJob:
     env: tuple[tuple[str, str], ...] = ()
     guest_timeout: float | None = None
     expected_seconds: float = 60.0
+    memory_mib: int = 4096
+    cpus: int = 2
+    tmpfs_size: str = "75%"
+    hide: tuple[str, ...] = ()
 
 
 def parallelism() -> int:
@@ -504,7 +540,8 @@ class GuestScheduler:
             self.futures[name] = self.executor.submit(
                 run_in_guest, job.script, modules=job.modules, disks=job.disks,
                 timeout=job.timeout, jobdir=self.base / name, env=dict(job.env),
-                guest_timeout=job.guest_timeout)
+                guest_timeout=job.guest_timeout, memory_mib=job.memory_mib, cpus=job.cpus,
+                tmpfs_size=job.tmpfs_size, hide=job.hide)
         return self.futures[name]
 
     def submit_all(self, jobs: Mapping[str, GuestJob]) -> None:
