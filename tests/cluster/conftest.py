@@ -1,7 +1,8 @@
 """The real-node tier: the chart's pods on kubelet + containerd, workloads as real pods.
 
-The session uses the cluster of `make cluster-up` when one runs (and leaves it up), else
-brings one up itself and takes it down at the end, asserting nothing is left behind.
+The tier uses the cluster of `make cluster-up` when one runs (and leaves it up), else
+brings one up itself and takes it down when the tier ends, asserting nothing is left
+behind.
 """
 
 from __future__ import annotations
@@ -125,14 +126,23 @@ class Env:
                 if not p["metadata"].get("deletionTimestamp")]
 
     def http(self, url: str, timeout: float = 10) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp:
-                return resp.status, resp.read().decode()
-        except urllib.error.HTTPError as err:
-            return err.code, err.read().decode()
+        """GET `url`: (status, body). A port nobody listens on yet is waited for (up to 30
+        s): a pod is Ready before its sidecars without probes (livenessprobe) listen."""
+        def get() -> tuple[int, str]:
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as resp:
+                    return resp.status, resp.read().decode()
+            except urllib.error.HTTPError as err:
+                return err.code, err.read().decode()
+        answer: tuple[int, str] = wait_for(f"{url} to answer", get, timeout=30,
+                                           ignore=(ConnectionError, urllib.error.URLError))
+        return answer
 
 
-@pytest.fixture(scope="session")
+# package scope: the cluster goes when this tier is done, not at the end of the whole
+# session (it held the node's pool and two cores' worth of processes through every later
+# tier)
+@pytest.fixture(scope="package")
 def env() -> Iterator[Env]:
     if os.geteuid() != 0:
         pytest.skip("the real node needs root (kubelet, containerd, mounts); "
