@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from csi.backup.targets import build_targets
 from csi.errors import InvalidArgument
 
 DEFAULT_STATE_DIR = "/var/lib/flotilla"
@@ -70,8 +71,6 @@ def parse_config(text: str, origin: str = "config") -> Config:
     targets = data.get("backup_targets") or []
     if not isinstance(targets, list) or not all(isinstance(t, dict) for t in targets):
         raise InvalidArgument(f"{origin}: 'backup_targets' must be a list of mappings")
-    from csi.backup.manager import build_targets
-
     build_targets(targets)  # options checked at start-up; nothing is contacted
     return Config(pools=pools, allowed_roots=[os.path.normpath(r) for r in roots],
                   max_volumes_per_node=max_vols, backup_targets=targets)

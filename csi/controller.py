@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from typing import TYPE_CHECKING, TypeVar
 
 import grpc
@@ -21,7 +20,7 @@ from csi.errors import (
 )
 from csi.locks import KeyedTryLock
 from csi.pools import PoolDown, PoolSet
-from csi.pools.base import Pool, Snapshot, Source, Volume, VolumeRequest, parse_id
+from csi.pools.base import Placement, Pool, Snapshot, Source, Volume, VolumeRequest, parse_id
 from csi.validation import (
     DEFAULT_FS_TYPE,
     K8S_PARAMETER_PREFIX,
@@ -93,6 +92,16 @@ def paginate(items: list[T], key: Callable[[T], str], max_entries: int,
     return items, ""
 
 
+def placement_of(req: csi_pb2.CreateVolumeRequest) -> Placement:
+    """The nodes (values of the topology key) a CreateVolume's requirements name."""
+    ar = req.accessibility_requirements
+
+    def nodes(topologies: Sequence[csi_pb2.Topology]) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(n for t in topologies if (n := t.segments.get(TOPOLOGY_KEY))))
+
+    return Placement(preferred=nodes(ar.preferred), requisite=nodes(ar.requisite))
+
+
 def timestamp(seconds: float) -> Timestamp:
     ts = Timestamp()
     ts.FromNanoseconds(int(seconds * 1e9))
@@ -105,6 +114,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         self.pools = pools
         self.node_id = node_id
         self.locks = locks
+        #: for snapshots no pool here holds, known only through their backup (another
+        #: node's, or a lost pool's): restored from it, deleted with it. The pools' own
+        #: snapshots get their backups from the pools (wrapped at wiring time)
         self.backups = backups
 
     # ---- helpers --------------------------------------------------------------------
@@ -114,7 +126,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
 
     def _volume_msg(self, vol: Volume) -> csi_pb2.Volume:
         shared = self.pools.pools.get(vol.pool) is not None and \
-            self.pools.pools[vol.pool].multi_node
+            not self.pools.pools[vol.pool].node_local
         msg = csi_pb2.Volume(
             volume_id=vol.id,
             capacity_bytes=vol.size,
@@ -217,7 +229,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 raise InvalidArgument(f"parameter fsType={wanted} conflicts with the "
                                       f"capability's fs_type={caps.fs_type}")
             fs_type = caps.fs_type or wanted or DEFAULT_FS_TYPE
-        if not pool.multi_node:
+        if pool.node_local:
             self._check_topology(request)
         cr = request.capacity_range
         default = max(pool.default_size, source_size)
@@ -225,17 +237,15 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                             max(MIN_FS_BYTES.get(fs_type, 4096), source_size), pool.granularity)
         vreq = VolumeRequest(name=request.name, size=size, required=cr.required_bytes,
                              limit=cr.limit_bytes, fs_type=fs_type, block=caps.block,
-                             source=source, parameters=params)
+                             source=source, parameters=params,
+                             placement=placement_of(request))
         with self.locks.hold(f"volume-name:{request.name}", source.id if source else ""):
             for other in self.pools:
                 found = other.find_volume(request.name)
                 if found is not None and other is not pool:
                     raise AlreadyExists(f"volume {request.name!r} exists in pool "
                                         f"{other.name!r}, not {pool.name!r}")
-            if self.backups is not None and not getattr(pool, "remote", False):
-                vol = self.backups.create_volume(pool, vreq)
-            else:
-                vol = pool.create_volume(vreq)
+            vol = pool.create_volume(vreq)
         return csi_pb2.CreateVolumeResponse(volume=self._volume_msg(vol))
 
     def DeleteVolume(self, request: csi_pb2.DeleteVolumeRequest,
@@ -307,7 +317,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 check_pool_serves(pool, read_capabilities(request.volume_capabilities))
             except InvalidArgument:
                 return csi_pb2.GetCapacityResponse(available_capacity=0)
-        if (request.HasField("accessible_topology") and not pool.multi_node
+        if (request.HasField("accessible_topology") and pool.node_local
                 and request.accessible_topology.segments.get(TOPOLOGY_KEY) != self.node_id):
             return csi_pb2.GetCapacityResponse(available_capacity=0)
         cap = pool.capacity()
@@ -377,55 +387,28 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                         f"snapshot {request.name!r} exists for volume "
                         f"{found.source_volume_id}, not {request.source_volume_id}")
             pool, _ = self._volume(request.source_volume_id)
-            if "backupTarget" in params:
-                if self.backups is None:
-                    raise InvalidArgument("parameter backupTarget: no backup_targets are "
-                                          "configured (see docs/backups.md)")
-                self.backups.check_snapshot_parameters(pool, params)
+            pool.check_snapshot_parameters(params)
             snap = pool.create_snapshot(request.name, request.source_volume_id, params)
-            if self.backups is not None and not getattr(pool, "remote", False):
-                ready, _ = self.backups.ensure_backup(pool, snap)
-                snap = replace(snap, ready=snap.ready and ready)
         return csi_pb2.CreateSnapshotResponse(snapshot=self._snapshot_msg(snap))
-
-    def _with_backup_state(self, pool: Pool | None, snap: Snapshot) -> Snapshot:
-        """A locally driven snapshot is ready once its backup (if any) is complete."""
-        if self.backups is None or pool is None or getattr(pool, "remote", False):
-            return snap
-        ready, _ = self.backups.backup_state(snap)
-        return snap if ready else replace(snap, ready=False)
 
     def DeleteSnapshot(self, request: csi_pb2.DeleteSnapshotRequest,
                        context: grpc.ServicerContext) -> csi_pb2.DeleteSnapshotResponse:
         check_id(request.snapshot_id, "snapshot_id")
         pool = self.pools.owner(request.snapshot_id)
-        local = pool is not None and not getattr(pool, "remote", False)
-        if pool is not None or self.backups is not None:
+        if pool is not None:
             with self.locks.hold(request.snapshot_id):
-                snap = pool.get_snapshot(request.snapshot_id) if pool else None
-                if pool is not None:
-                    pool.delete_snapshot(request.snapshot_id)
-                if self.backups is not None and (local or pool is None):
-                    self._delete_backup(request.snapshot_id, snap)
+                pool.delete_snapshot(request.snapshot_id)  # and its backup (backup/pool.py)
+        elif self.backups is not None:  # a snapshot of a pool not configured here
+            with self.locks.hold(request.snapshot_id):
+                self.backups.forget(request.snapshot_id)
         return csi_pb2.DeleteSnapshotResponse()
-
-    def _delete_backup(self, snapshot_id: str, snap: Snapshot | None) -> None:
-        assert self.backups is not None
-        target = snap.parameters.get("backupTarget") if snap else None
-        if target:
-            self.backups.delete_backup(snapshot_id, target)
-            return
-        if snap is None:  # known only as a backup (a snapshot of another node)
-            found = self.backups.find_backup(snapshot_id)
-            if found is not None:
-                self.backups.delete_backup(snapshot_id, found[0].name)
 
     def ListSnapshots(self, request: csi_pb2.ListSnapshotsRequest,
                       context: grpc.ServicerContext) -> csi_pb2.ListSnapshotsResponse:
         for wanted in (request.snapshot_id, request.source_volume_id):
             if wanted:
                 self.pools.owner(wanted)  # PoolDown when it names a pool that is down
-        snaps = [self._with_backup_state(p, s) for p in self.pools for s in p.list_snapshots()]
+        snaps = [s for p in self.pools for s in p.list_snapshots()]
         if request.snapshot_id:
             snaps = [s for s in snaps if s.id == request.snapshot_id]
         if request.source_volume_id:
@@ -445,6 +428,5 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         snap = pool.get_snapshot(request.snapshot_id) if pool else None
         if snap is None:
             raise NotFound(f"snapshot {request.snapshot_id} does not exist")
-        snap = self._with_backup_state(pool, snap)
         return csi_pb2.GetSnapshotResponse(snapshot=self._snapshot_msg(snap))
 

@@ -79,7 +79,7 @@ class PoolCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, driver_name: str, pools: PoolSet) -> None:
+    def __init__(self, driver_name: str) -> None:
         self.driver_name = driver_name
         self.registry = CollectorRegistry()
         self.operations = Histogram(
@@ -89,6 +89,9 @@ class Metrics:
             buckets=BUCKETS,
             registry=self.registry,
         )
+
+    def add_pools(self, pools: PoolSet) -> None:
+        """Export the ``flotilla_pool_*`` series of ``pools``."""
         self.registry.register(PoolCollector(pools))
 
     def observe(self, method: str, code: str, seconds: float) -> None:

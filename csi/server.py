@@ -20,21 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from csi import DEFAULT_DRIVER_NAME, __version__
-from csi._proto import csi_pb2_grpc
-from csi.backup.manager import BackupManager, build_targets
+from csi import DEFAULT_DRIVER_NAME, __version__, wiring
 from csi.config import DEFAULT_STATE_DIR, Config, load_config
-from csi.controller import ControllerService
 from csi.errors import FlotillaError, InvalidArgument, status_code
-from csi.identity import IdentityService
 from csi.kube.agent import NodeAgent
-from csi.kube.controller import DistributedControllerService
-from csi.kube.pool import KubePool, KubeState
-from csi.kube.wiring import controller_pools, make_api, node_events
 from csi.locks import KeyedTryLock
 from csi.metrics import Metrics
-from csi.node import NodeService
-from csi.pools import PoolSet, build_pool
 from csi.system import System
 
 log = logging.getLogger("flotilla")
@@ -244,33 +235,16 @@ class Driver:
     def __init__(self, args: argparse.Namespace, config: Config,
                  system: System | None = None) -> None:
         self.args = args
-        self.system = system or System()
-        self.kube_state: KubeState | None = None
-        self.agent: NodeAgent | None = None
-        #: who this process is among those sharing a pool's storage (e.g. the replicas
-        #: and node plugins on one NFS export): node id and mode
-        instance = f"{args.node_id}-{args.mode}"
-        if args.mode == "controller":
-            self.kube_state = KubeState(make_api(args, "controller"), args.kube_timeout,
-                                        args.capacity_interval)
-            self.pools = controller_pools(config, self.system, self.kube_state, instance,
-                                          args.state_dir)
-            self.pools.watch(node_events(self.kube_state.api, args.node_id))
-        else:
-            self.pools = PoolSet([build_pool(spec, self.system, instance, args.state_dir)
-                                  for spec in config.pools])
         self.config = config
-        self.metrics = Metrics(args.driver_name, self.pools)
+        self.system = system or System()
+        self.parts = wiring.build(args, config, self.system)
+        self.pools = self.parts.pools
+        self.metrics = self.parts.metrics
+        self.backups = self.parts.backups
+        self.kube_state = self.parts.kube_state
+        self.agent: NodeAgent | None = None
         self.interceptor = RpcInterceptor(self.metrics)
         self.server: grpc.Server | None = None
-        self.backups: BackupManager | None = None
-        if config.backup_targets:
-            self.backups = BackupManager(build_targets(config.backup_targets),
-                                         args.state_dir, args.node_id, self.metrics.registry)
-            backups = self.backups
-            for pool in self.pools:
-                if isinstance(pool, KubePool):
-                    pool.backup_known = lambda sid: backups.find_backup(sid) is not None
 
     def start(self) -> None:
         os.makedirs(self.args.state_dir, exist_ok=True)
@@ -279,28 +253,11 @@ class Driver:
         self.pools.start()  # a pool that cannot start is retried; the others serve
         locks = KeyedTryLock()
         if self.args.mode == "node":
-            self.agent = NodeAgent(make_api(self.args, "node"), self.pools, self.args.node_id,
-                                   locks, self.args.capacity_interval, backups=self.backups)
+            self.agent = wiring.node_agent(self.args, self.parts, locks)
             self.agent.start()
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.args.workers),
                              interceptors=[self.interceptor])
-        mode = self.args.mode
-        csi_pb2_grpc.add_IdentityServicer_to_server(
-            IdentityService(self.args.driver_name, self.pools, mode != "node"), server)
-        if mode in ("all", "controller"):
-            service = DistributedControllerService if mode == "controller" \
-                else ControllerService
-            csi_pb2_grpc.add_ControllerServicer_to_server(
-                service(self.pools, self.args.node_id, locks, self.backups), server)
-        if mode in ("all", "node"):
-            configured = [*self.config.allowed_roots, os.path.abspath(self.args.state_dir)]
-            # each root as configured and as its real path (kubelet names paths by the
-            # configured spelling; links below a root are refused, never followed)
-            roots = list(dict.fromkeys(r for root in configured
-                                       for r in (root, os.path.realpath(root))))
-            csi_pb2_grpc.add_NodeServicer_to_server(
-                NodeService(self.pools, self.system, self.args.node_id, locks, roots,
-                            self.config.max_volumes_per_node), server)
+        wiring.add_services(server, self.args, self.config, self.parts, self.system, locks)
         path = socket_path(self.args.endpoint)
         if path is not None:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -321,7 +278,7 @@ class Driver:
             self.metrics.serve(self.args.metrics_address)
         failed = self.pools.failures()
         log.info("flotilla %s serving %s mode=%s node=%s pools=%s%s", __version__,
-                 self.args.endpoint, mode, self.args.node_id,
+                 self.args.endpoint, self.args.mode, self.args.node_id,
                  ",".join(f"{p.name}({p.type})" for p in self.pools),
                  f" failed={','.join(failed)} (retried in the background)" if failed else "")
 

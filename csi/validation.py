@@ -200,3 +200,32 @@ def resolve_size(
         if size < max(required, minimum):
             size = limit  # an unaligned size still works; keep within the range
     return size
+
+
+def parse_size(value: str | int) -> int:
+    """Parse ``10Gi``, ``512Mi``, ``1G``, ``4096`` into bytes."""
+    if isinstance(value, int):
+        if value < 0:
+            raise InvalidArgument(f"size {value} is negative")
+        return value
+    text = str(value).strip()
+    units = {
+        "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "Pi": 1 << 50,
+        "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
+    }
+    for suffix in sorted(units, key=len, reverse=True):
+        if text.endswith(suffix):
+            number = text[: -len(suffix)]
+            mult = units[suffix]
+            break
+    else:
+        number, mult = text, 1
+    try:
+        amount = float(number)
+    except ValueError:
+        raise InvalidArgument(
+            f"cannot read size {value!r}: use bytes or a suffix Ki, Mi, Gi, Ti"
+        ) from None
+    if amount < 0:
+        raise InvalidArgument(f"size {value!r} is negative")
+    return int(amount * mult)

@@ -25,8 +25,7 @@ from datetime import UTC, datetime
 from typing import TextIO
 
 from csi.backup import engine
-from csi.backup.manager import build_targets
-from csi.backup.targets import Target
+from csi.backup.targets import Target, build_targets
 from csi.config import load_config
 from csi.errors import FlotillaError, InvalidArgument
 

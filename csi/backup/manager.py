@@ -16,18 +16,17 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from csi.backup import engine
-from csi.backup.targets import Target, build_target
+from csi.backup.targets import Target
 from csi.errors import (
     AlreadyExists,
     FlotillaError,
-    Internal,
     InvalidArgument,
     NotFound,
     OutOfRange,
@@ -40,7 +39,6 @@ log = logging.getLogger(__name__)
 BACKUP_PARAMETER = "backupTarget"
 #: recorded in a restored volume's parameters (the pool cannot know the remote source)
 RESTORED_FROM = "flotilla.csi.io/restoredFrom"
-BACKUP_POOL_TYPES = ("filepool", "lvmthin")
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200)
 
 
@@ -75,51 +73,6 @@ class BackupMetrics:
                                   ["target", "volume"], **kw)
         self.running = Gauge("flotilla_backup_running", "Backups in progress", ["target"],
                              **kw)
-
-
-def build_targets(specs: list[dict[str, Any]]) -> dict[str, Target]:
-    targets: dict[str, Target] = {}
-    for spec in specs:
-        target = build_target(spec)
-        if target.name in targets:
-            raise InvalidArgument(f"backup target name {target.name!r} is used twice")
-        targets[target.name] = target
-    return targets
-
-
-@contextlib.contextmanager
-def snapshot_image(pool: Pool, snap: Snapshot) -> Iterator[str]:
-    """A readable path of a snapshot's content: the image file of a filepool snapshot,
-    the activated thin LV of an lvmthin one, or what a pool's ``snapshot_path(id)``
-    method (the hook for other image-holding pool types) answers."""
-    from csi.pools.filepool import FilePool
-    from csi.pools.lvmthin import LvmThinPool
-
-    hook = getattr(pool, "snapshot_path", None)
-    if callable(hook):
-        yield str(hook(snap.id))
-        return
-    if isinstance(pool, FilePool):
-        yield pool.store.path("snapshots", snap.id)
-        return
-    if isinstance(pool, LvmThinPool):
-        lv = pool._lv(snap.id)
-        device = pool._device_of_lv(lv)
-        activated = device is None
-        if activated:
-            pool._lvm("lvchange", "--activate", "y", "--ignoreactivationskip",
-                      pool._path(lv))
-            device = pool._device_of_lv(lv)
-        if device is None:
-            raise Internal(f"snapshot {snap.id}: its LV was activated but has no device")
-        try:
-            yield device
-        finally:
-            if activated:
-                pool._lvm("lvchange", "--activate", "n", pool._path(lv))
-        return
-    raise InvalidArgument(f"pool {pool.name!r} ({pool.type}) cannot be backed up: backups "
-                          f"read block images ({', '.join(BACKUP_POOL_TYPES)} pools)")
 
 
 class Job:
@@ -185,7 +138,9 @@ class BackupManager:
         if name is None:
             return
         self.target(name)
-        if pool.type not in BACKUP_POOL_TYPES:
+        if not pool.backups:
+            from csi.pools import BACKUP_POOL_TYPES
+
             raise InvalidArgument(f"pool {pool.name!r} is a {pool.type} pool: backups "
                                   f"({BACKUP_PARAMETER}) are for {', '.join(BACKUP_POOL_TYPES)}"
                                   " pools")
@@ -273,7 +228,7 @@ class BackupManager:
                 id=snap.id, size=snap.size, chunks=[], snapshot_name=snap.name,
                 source_volume_id=snap.source_volume_id, pool=pool.name, pool_type=pool.type,
                 node=self.node_id, fs_type=fs_type, created=snap.created)
-            with snapshot_image(pool, snap) as path:
+            with pool.read_snapshot(snap.id) as path:
                 stats = engine.backup_image(target, path, manifest, self.node_id,
                                             interrupt=job.interrupt)
         except Exception as err:
@@ -439,23 +394,18 @@ class BackupManager:
 
     def _write_volume(self, pool: Pool, vol: Volume, target: Target,
                       manifest: engine.Manifest) -> int:
-        from csi.pools.filepool import FilePool
+        with pool.write_volume(vol.id) as path:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                return engine.restore_to_fd(target, manifest, fd, fresh=True)
+            finally:
+                os.close(fd)
 
-        if isinstance(pool, FilePool):  # a fresh sparse image: write it directly
-            fd = os.open(pool.image_path(vol.id), os.O_WRONLY)
-            try:
-                return engine.restore_to_fd(target, manifest, fd, fresh=True)
-            finally:
-                os.close(fd)
-        device = pool.attach(vol.id)
-        try:
-            fd = os.open(device, os.O_WRONLY)
-            try:
-                return engine.restore_to_fd(target, manifest, fd, fresh=True)
-            finally:
-                os.close(fd)
-        finally:
-            pool.detach(vol.id)
+    def forget(self, snapshot_id: str) -> None:
+        """Delete the backup of a snapshot no pool here holds, wherever it is."""
+        found = self.find_backup(snapshot_id)
+        if found is not None:
+            self.delete_backup(snapshot_id, found[0].name)
 
     def source_of(self, snapshot_id: str) -> tuple[Source, int] | None:
         """For CreateVolume: a snapshot known only as a backup (its source, its size)."""

@@ -336,3 +336,13 @@ def build_target(spec: dict[str, Any]) -> Target:
                               f"{', '.join(TARGET_TYPES)}")
     opts.finish()
     return target
+
+
+def build_targets(specs: list[dict[str, Any]]) -> dict[str, Target]:
+    targets: dict[str, Target] = {}
+    for spec in specs:
+        target = build_target(spec)
+        if target.name in targets:
+            raise InvalidArgument(f"backup target name {target.name!r} is used twice")
+        targets[target.name] = target
+    return targets

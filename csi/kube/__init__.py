@@ -7,8 +7,9 @@ node, pool, size, source) and waits, bounded, for their status. ``flotilla --mod
 (the DaemonSet) runs :class:`csi.kube.agent.NodeAgent`, which watches the resources
 labelled with its node, makes them so through the real pool, writes status and events,
 and publishes each pool's capacity in a ``FlotillaNode`` resource, from which
-``GetCapacity`` answers per topology segment. Shared pools (``multi_node``, e.g. nfs)
-are driven by the controller directly: see :func:`csi.kube.placement.is_node_local`.
+``GetCapacity`` answers per topology segment. Shared pools (those whose type does not
+declare :attr:`~csi.pools.base.Pool.node_local`, e.g. nfs) are driven by the controller
+directly.
 
 Module map::
 

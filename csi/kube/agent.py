@@ -25,13 +25,13 @@ from csi.kube import API_VERSION, FINALIZER, NODE_LABEL, NODES, SNAPSHOTS, VOLUM
 from csi.kube import resources as res
 from csi.kube.api import ApiUnavailable, Conflict, KubeApi, Obj
 from csi.kube.informer import Informer
-from csi.kube.placement import is_node_local
 from csi.locks import KeyedTryLock
 from csi.pools import PoolDown, PoolFailure, PoolSet
-from csi.pools.base import Pool
+from csi.pools.base import Pool, VolumeRequest
+from csi.validation import resolve_size
 
 if TYPE_CHECKING:
-    from csi.backup.manager import BackupManager
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +94,10 @@ class WorkQueue:
 
 class NodeAgent:
     def __init__(self, api: KubeApi, pools: PoolSet, node_id: str, locks: KeyedTryLock,
-                 capacity_interval: float = 30.0, workers: int = 4,
-                 backups: BackupManager | None = None) -> None:
+                 capacity_interval: float = 30.0, workers: int = 4) -> None:
         self.api = api
-        self.backups = backups
-        if backups is not None:
-            backups.on_done = self._backup_done
         #: every node-local pool, failed ones included (their resources wait for them)
-        self.pools = {p.name: p for p in pools.all() if is_node_local(p)}
+        self.pools = {p.name: p for p in pools.all() if p.node_local}
         self.pool_set = pools
         self._node_obj: Obj | None = None
         self.node_id = node_id
@@ -175,7 +171,9 @@ class NodeAgent:
                            f"{failure.error}", warning=True)
         self._publish_now.set()
 
-    def _backup_done(self, snapshot_id: str) -> None:
+    def backup_done(self, snapshot_id: str) -> None:
+        """A backup finished (the wiring hands this to the BackupManager): the snapshot's
+        status gets its readiness now, not at the next resync."""
         obj = self.informers[SNAPSHOTS].find(
             lambda o: res.status(o).get("snapshotId") == snapshot_id)
         if obj is not None:
@@ -285,9 +283,7 @@ class NodeAgent:
             return self._check_volume(obj, pool)
         if st.get("phase") != res.READY:
             try:
-                req = res.request_of(obj)
-                vol = (self.backups.create_volume(pool, req) if self.backups is not None
-                       else pool.create_volume(req))
+                vol = pool.create_volume(self._resolved(res.request_of(obj), pool))
             except (Aborted, Unavailable):
                 return True
             except FlotillaError as err:
@@ -314,6 +310,13 @@ class NodeAgent:
         self._status(VOLUMES, obj, res.volume_status(vol, gen))
         self.api.event(obj, "Expanded", f"{what} expanded to {vol.size} bytes")
         return False
+
+    @staticmethod
+    def _resolved(req: VolumeRequest, pool: Pool) -> VolumeRequest:
+        """The controller rounded the size without knowing this node's pool (it never
+        starts it): round it again to the granularity the pool here really has."""
+        size = resolve_size(req.required, req.limit, req.size, req.size, pool.granularity)
+        return req if size == req.size else dataclasses.replace(req, size=size)
 
     def _check_volume(self, obj: Obj, pool: Pool) -> bool:
         """Report a Ready volume whose storage went missing (never recreate it)."""
@@ -346,13 +349,10 @@ class NodeAgent:
                 if not sid:
                     found = pool.find_snapshot(sp["name"])
                     sid = found.id if found else None
-                target = (sp.get("parameters") or {}).get("backupTarget")
                 if sid:
                     try:
                         with self.locks.hold(sid):
-                            pool.delete_snapshot(sid)
-                            if target and self.backups is not None:
-                                self.backups.delete_backup(sid, target)
+                            pool.delete_snapshot(sid)  # and its backup (backup/pool.py)
                     except Aborted:
                         return True
                     except FlotillaError as err:
@@ -370,34 +370,23 @@ class NodeAgent:
                 what)
             return False
         source = sp["sourceVolumeId"]
+        params = dict(sp.get("parameters") or {})
         try:
+            pool.check_snapshot_parameters(params)
             if pool.get_volume(source) is None:
                 raise NotFound(f"source volume {source} does not exist on node "
                                f"{self.node_id}")
             with self.locks.hold(source):
-                snap = pool.create_snapshot(sp["name"], source, dict(sp.get("parameters") or {}))
+                # a backed-up pool starts the backup; the snapshot is ready when it is done
+                snap = pool.create_snapshot(sp["name"], source, params)
         except (Aborted, Unavailable):
             return True
         except FlotillaError as err:
-            self._failed(SNAPSHOTS, obj, err, f"creating {what}")
+            self._failed(SNAPSHOTS, obj, err, f"creating {what} on node {self.node_id}")
             return False
         first = st.get("phase") != res.READY
-        message = ""
-        if target:
-            if self.backups is None:
-                self._failed(SNAPSHOTS, obj, InvalidArgument(
-                    f"node {self.node_id} has no backup_targets configured"), what)
-                return False
-            try:
-                ready, message = self.backups.ensure_backup(pool, snap)
-            except Unavailable as err:
-                ready, message = False, str(err)
-            except FlotillaError as err:
-                self._failed(SNAPSHOTS, obj, err, f"backing up {what}")
-                return False
-            snap = dataclasses.replace(snap, ready=ready)
         status = res.snapshot_status(snap, gen)
-        status["message"] = message[:2000]
+        status["message"] = snap.message[:2000]
         if (st.get("readyToUse"), st.get("message", "")) != (snap.ready, status["message"]) \
                 or first:
             self._status(SNAPSHOTS, obj, status)

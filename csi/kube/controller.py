@@ -3,8 +3,9 @@
 The plain :class:`~csi.controller.ControllerService` serves one node (its own). Here
 node-local pools are :class:`~csi.kube.pool.KubePool` s spanning the cluster, so:
 
-* CreateVolume hands the request's accessibility requirements to the pool (which node
-  to write into the resource) through :func:`csi.kube.placement.placement`;
+* CreateVolume's accessibility requirements travel in the request to the pool
+  (:attr:`~csi.pools.base.VolumeRequest.placement`: which node to write into the
+  resource), which makes the node choice and its checks;
 * a volume's accessible topology is the node it lives on (shared pools: no constraint);
 * GetCapacity answers for the requested topology segment from what that node's agent
   published, so external-provisioner's ``--enable-capacity`` creates one
@@ -20,30 +21,13 @@ from csi._proto import csi_pb2
 from csi.controller import VOLUME_PARAMETERS as VOLUME_PARAMS
 from csi.controller import ControllerService, check_pool_serves, split_parameters
 from csi.errors import InvalidArgument
-from csi.kube.placement import Placement, placement
 from csi.kube.pool import KubePool
 from csi.pools import PoolDown
 from csi.pools.base import Volume
 from csi.validation import read_capabilities
 
 
-def _nodes(topologies: object) -> tuple[str, ...]:
-    out = []
-    for t in topologies:  # type: ignore[attr-defined]
-        node = t.segments.get(TOPOLOGY_KEY)
-        if node and node not in out:
-            out.append(node)
-    return tuple(out)
-
-
 class DistributedControllerService(ControllerService):
-    def CreateVolume(self, request: csi_pb2.CreateVolumeRequest,
-                     context: grpc.ServicerContext) -> csi_pb2.CreateVolumeResponse:
-        ar = request.accessibility_requirements
-        place = Placement(preferred=_nodes(ar.preferred), requisite=_nodes(ar.requisite))
-        with placement(place):
-            return super().CreateVolume(request, context)
-
     def _check_topology(self, request: csi_pb2.CreateVolumeRequest) -> None:
         """Node choice and its checks belong to the pool (KubePool) here."""
 

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from csi.errors import (
     Aborted,
@@ -29,16 +28,20 @@ from csi.kube import NODES, SNAPSHOTS, VOLUMES
 from csi.kube import resources as res
 from csi.kube.api import ApiUnavailable, Conflict, KubeApi, Obj
 from csi.kube.informer import Informer
-from csi.kube.placement import current_placement
 from csi.pools.base import (
+    CAPABILITIES,
     Capacity,
     Condition,
+    Placement,
     Pool,
     Snapshot,
     Volume,
     VolumeRequest,
     check_compatible,
 )
+
+if TYPE_CHECKING:
+    from csi.backup.manager import BackupManager
 
 log = logging.getLogger(__name__)
 
@@ -96,21 +99,23 @@ class KubeState:
 
 
 class KubePool(Pool):
-    """A node-local pool seen from the controller (see the module docstring)."""
+    """A node-local pool seen from the controller (see the module docstring).
 
-    #: the node agents drive the storage (and its backups), not this process
-    remote = True
-    #: does a backup target hold a backup of this snapshot id? (set by the driver)
-    backup_known: Callable[[str], bool] | None = None
+    ``template`` is the pool as configured (never started here: its capabilities are
+    those of its type; the node that provisions rounds sizes to its own granularity).
+    The node agents drive the storage and its backups; ``backups`` (the controller's
+    view of the configured targets, kept as ``catalog``) checks ``backupTarget``
+    parameters and finds the snapshots known only through a backup, which restore on
+    any node.
+    """
 
-    def __init__(self, template: Pool, state: KubeState) -> None:
+    def __init__(self, template: Pool, state: KubeState,
+                 backups: BackupManager | None = None) -> None:
         super().__init__(template.name, template.options)
-        self.type = template.type
-        self.multi_node = template.multi_node
-        self.block = template.block
-        self.granularity = template.granularity
-        self.default_size = template.default_size
+        for key in CAPABILITIES:
+            setattr(self, key, getattr(template, key))
         self.state = state
+        self.catalog = backups
 
     # ---- lifecycle ------------------------------------------------------------------
 
@@ -192,7 +197,7 @@ class KubePool(Pool):
     # ---- volumes --------------------------------------------------------------------
 
     def create_volume(self, req: VolumeRequest) -> Volume:
-        place = current_placement()
+        place = req.placement
         name = res.object_name(req.name)
         existing = self.state.volumes.get(name) or self.state.api.get(VOLUMES, name)
         if existing is not None:
@@ -210,13 +215,13 @@ class KubePool(Pool):
         obj = self._create(self.state.volumes, res.volume_body(req, self.name, node))
         return self._resume_create(obj, req)
 
-    def _choose_node(self, req: VolumeRequest, place: Any) -> str:
+    def _choose_node(self, req: VolumeRequest, place: Placement) -> str:
         if req.source is not None:  # restores and clones land where their source is
             src = (self._snapshot_obj(req.source.id) if req.source.kind == "snapshot"
                    else self._volume_obj(req.source.id))
             if src is None:
-                backed_up = req.source.kind == "snapshot" and self.backup_known is not None \
-                    and self.backup_known(req.source.id)
+                backed_up = req.source.kind == "snapshot" and self.catalog is not None \
+                    and self.catalog.find_backup(req.source.id) is not None
             else:
                 backed_up = bool((res.spec(src).get("parameters") or {}).get("backupTarget"))
             if src is None and not backed_up:
@@ -227,7 +232,7 @@ class KubePool(Pool):
                 # that node's agent clones it when local, else reads the backup target
                 chosen = place.choose()
                 if chosen is not None:
-                    return str(chosen)
+                    return chosen
                 if not node:
                     raise InvalidArgument("a volume restored from a backup needs "
                                           "accessibility_requirements naming a node")
@@ -237,12 +242,12 @@ class KubePool(Pool):
                     "volume's topology requirement excludes; node-local volumes are "
                     "restored and cloned on their source's node")
             return node
-        node = place.choose()
-        if node is None:
+        picked = place.choose()
+        if picked is None:
             raise InvalidArgument(f"pool {self.name!r} is node-local: CreateVolume needs "
                                   "accessibility_requirements naming a node (use a "
                                   "StorageClass with volumeBindingMode WaitForFirstConsumer)")
-        return str(node)
+        return picked
 
     def _resume_create(self, obj: Obj, req: VolumeRequest) -> Volume:
         name = res.meta(obj)["name"]
@@ -339,6 +344,12 @@ class KubePool(Pool):
         return Condition(False, "volume is healthy")
 
     # ---- snapshots ------------------------------------------------------------------
+
+    def check_snapshot_parameters(self, parameters: dict[str, str]) -> None:
+        if self.catalog is None:
+            super().check_snapshot_parameters(parameters)
+        else:
+            self.catalog.check_snapshot_parameters(self, parameters)
 
     def create_snapshot(self, name: str, source_volume_id: str,
                         parameters: dict[str, str]) -> Snapshot:

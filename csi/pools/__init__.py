@@ -27,6 +27,8 @@ POOL_TYPES: dict[str, PoolFactory] = {
     "lvmthin": LvmThinPool,
     "nfs": NfsPool,
 }
+#: the pool types whose snapshots can be backed up (they declare :attr:`Pool.backups`)
+BACKUP_POOL_TYPES = tuple(cls.type for cls in (FilePool, LvmThinPool, NfsPool) if cls.backups)
 
 #: seconds before the first background retry of a pool that failed to start; each
 #: further failure doubles the wait, up to RETRY_MAX

@@ -14,13 +14,16 @@ Rules for implementations:
 from __future__ import annotations
 
 import abc
+import contextlib
 import re
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
 from csi.errors import AlreadyExists, InvalidArgument, NotFound
+from csi.validation import parse_size
 
 ID_RE = re.compile(r"^(?P<pool>[a-z0-9][a-z0-9-]{0,31}):(?P<kind>vol|snap)-(?P<uid>[0-9a-f]{32})$")
 POOL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
@@ -69,6 +72,28 @@ class Snapshot:
     created: float = field(default_factory=time.time)
     ready: bool = True
     parameters: dict[str, str] = field(default_factory=dict)
+    #: why it is not ready yet (e.g. "backup to 'nas' in progress"); empty when ready
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The nodes a CreateVolume may use, from its accessibility requirements (node ids
+    of the topology key; empty: no constraint)."""
+
+    preferred: tuple[str, ...] = ()
+    requisite: tuple[str, ...] = ()
+
+    def allows(self, node: str) -> bool:
+        return not self.requisite or node in self.requisite
+
+    def choose(self) -> str | None:
+        """The first preferred node the requisite allows (WaitForFirstConsumer puts the
+        scheduler's choice first), else the first requisite node, else None."""
+        for node in self.preferred:
+            if self.allows(node):
+                return node
+        return self.requisite[0] if self.requisite else None
 
 
 @dataclass(frozen=True)
@@ -83,6 +108,9 @@ class VolumeRequest:
     block: bool
     source: Source | None = None
     parameters: dict[str, str] = field(default_factory=dict)
+    #: where the volume may go; only a pool spanning nodes (KubePool) reads it, and two
+    #: requests differing only in placement are the same request (a retry may move)
+    placement: Placement = field(default=Placement(), compare=False)
 
 
 @dataclass(frozen=True)
@@ -102,24 +130,46 @@ class Condition:
     message: str
 
 
+#: the attributes that describe what a pool type can do (see :class:`Pool`); wrappers
+#: and stand-ins (:class:`PoolWrapper`, the controller's KubePool) copy them from the
+#: pool they stand for
+CAPABILITIES = ("type", "node_local", "multi_node", "network", "block", "backups",
+                "node_expansion", "granularity", "default_size", "mount_options",
+                "mount_timeout")
+
+
 class Pool(abc.ABC):
-    """A storage backend. See the module docstring for the rules."""
+    """A storage backend. See the module docstring for the rules.
+
+    What a pool type can do is declared by the class attributes below (the capabilities,
+    listed in :data:`CAPABILITIES`); the servicers, the node agent, the backups and the
+    wiring read them and nothing else: no code outside a pool checks its class.
+    """
 
     type: str = ""
-    #: access modes this pool can serve beyond one node
+    #: the storage lives on one node (a loop image, a thin LV): its volumes are reachable
+    #: only there, so they carry that node's topology, and in the distributed mode the
+    #: controller drives them through custom resources and that node's agent. False: any
+    #: node reaches the storage (nfs); the controller drives it itself.
+    node_local: bool = True
+    #: can serve the multi-node access modes (ReadWriteMany, ReadOnlyMany)
     multi_node: bool = False
-    #: can it serve raw block volumes?
+    #: nodes mount volumes over the network (:meth:`mount_source`) instead of attaching
+    #: them as block devices (:meth:`attach`)
+    network: bool = False
+    #: can serve raw block volumes
     block: bool = True
-    #: smallest unit sizes are rounded up to
+    #: snapshots can be backed up and volumes restored from a backup target: the pool
+    #: implements :meth:`read_snapshot` and :meth:`write_volume`
+    backups: bool = False
+    #: does a grown volume need NodeExpandVolume (a filesystem to grow)?
+    node_expansion: bool = True
+    #: smallest unit sizes are rounded up to (a pool may learn it in :meth:`start`)
     granularity: int = 1 << 20
     #: size of a volume whose request leaves the size open
     default_size: int = 1 << 30
     #: options the node adds when it mounts a filesystem of this pool (e.g. discard)
     mount_options: tuple[str, ...] = ()
-    #: nodes mount volumes over the network (:meth:`mount_source`) instead of attaching
-    network: bool = False
-    #: does a grown volume need NodeExpandVolume (a filesystem to grow)?
-    node_expansion: bool = True
     #: seconds a node may wait for a network mount of this pool
     mount_timeout: float = 60.0
     #: this process among those sharing the pool's storage (set at wiring time from the
@@ -230,6 +280,50 @@ class Pool(abc.ABC):
             raise NotFound(f"source volume {source_volume_id} does not exist")
         return vol
 
+    def check_snapshot_parameters(self, parameters: dict[str, str]) -> None:
+        """Refuse snapshot parameters this pool cannot honour (before anything is made).
+
+        A plain pool honours none: ``backupTarget`` needs a backup target, which the
+        driver's wiring adds by wrapping the pool (:mod:`csi.backup.pool`).
+
+        Raises: InvalidArgument.
+        """
+        for key in parameters:
+            raise InvalidArgument(f"parameter {key}: no backup_targets are configured "
+                                  "(see docs/backups.md)")
+
+    # ---- backups (pools that declare :attr:`backups`) ------------------------------
+
+    def read_snapshot(self, snapshot_id: str) -> contextlib.AbstractContextManager[str]:
+        """A path from which the snapshot's whole content reads as one image (a file
+        or a block device), valid inside the ``with``.
+
+        Raises: NotFound, InvalidArgument (the pool does not declare :attr:`backups`).
+        """
+        raise InvalidArgument(f"pool {self.name!r} ({self.type}) cannot be backed up: "
+                              "its snapshots are not block images")
+
+    def write_volume(self, volume_id: str) -> contextlib.AbstractContextManager[str]:
+        """A path to which a freshly created, empty volume's content is written as one
+        image, valid inside the ``with``; by default its block device, attached for the
+        time of the ``with``.
+
+        Raises: NotFound, InvalidArgument (the pool does not declare :attr:`backups`),
+        Internal.
+        """
+        if not self.backups:
+            raise InvalidArgument(f"pool {self.name!r} ({self.type}) cannot be restored "
+                                  "from a backup: its volumes are not block images")
+        return self._attached(volume_id)
+
+    @contextlib.contextmanager
+    def _attached(self, volume_id: str) -> Iterator[str]:
+        device = self.attach(volume_id)
+        try:
+            yield device
+        finally:
+            self.detach(volume_id)
+
     # ---- capacity -------------------------------------------------------------------
 
     @abc.abstractmethod
@@ -259,6 +353,102 @@ class Pool(abc.ABC):
     @abc.abstractmethod
     def refresh_device(self, volume_id: str) -> int:
         """Make an attached device show the volume's current size; return that size."""
+
+
+class PoolWrapper(Pool):
+    """A pool that adds behaviour around another (``inner``) and forwards the rest.
+
+    The wrapper takes the inner pool's name, options and capabilities (again after
+    :meth:`start`, where a pool may learn them, e.g. lvmthin's extent size); subclasses
+    override the calls they change.
+    """
+
+    def __init__(self, inner: Pool) -> None:
+        super().__init__(inner.name, inner.options)
+        self.inner = inner
+        self._copy_capabilities()
+
+    def _copy_capabilities(self) -> None:
+        for key in CAPABILITIES:
+            setattr(self, key, getattr(self.inner, key))
+        self.instance, self.state_dir = self.inner.instance, self.inner.state_dir
+
+    def start(self) -> None:
+        self.inner.start()
+        self._copy_capabilities()
+
+    def stop(self) -> None:
+        self.inner.stop()
+
+    def check(self) -> None:
+        self.inner.check()
+
+    def create_volume(self, req: VolumeRequest) -> Volume:
+        return self.inner.create_volume(req)
+
+    def delete_volume(self, volume_id: str) -> None:
+        self.inner.delete_volume(volume_id)
+
+    def expand_volume(self, volume_id: str, size: int) -> Volume:
+        return self.inner.expand_volume(volume_id, size)
+
+    def get_volume(self, volume_id: str) -> Volume | None:
+        return self.inner.get_volume(volume_id)
+
+    def find_volume(self, name: str) -> Volume | None:
+        return self.inner.find_volume(name)
+
+    def list_volumes(self) -> list[Volume]:
+        return self.inner.list_volumes()
+
+    def volume_condition(self, volume_id: str) -> Condition:
+        return self.inner.volume_condition(volume_id)
+
+    def create_snapshot(self, name: str, source_volume_id: str,
+                        parameters: dict[str, str]) -> Snapshot:
+        return self.inner.create_snapshot(name, source_volume_id, parameters)
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        self.inner.delete_snapshot(snapshot_id)
+
+    def get_snapshot(self, snapshot_id: str) -> Snapshot | None:
+        return self.inner.get_snapshot(snapshot_id)
+
+    def find_snapshot(self, name: str) -> Snapshot | None:
+        return self.inner.find_snapshot(name)
+
+    def list_snapshots(self) -> list[Snapshot]:
+        return self.inner.list_snapshots()
+
+    def snapshot_request(self, name: str, source_volume_id: str) -> Snapshot | Volume:
+        return self.inner.snapshot_request(name, source_volume_id)
+
+    def check_snapshot_parameters(self, parameters: dict[str, str]) -> None:
+        self.inner.check_snapshot_parameters(parameters)
+
+    def read_snapshot(self, snapshot_id: str) -> contextlib.AbstractContextManager[str]:
+        return self.inner.read_snapshot(snapshot_id)
+
+    def write_volume(self, volume_id: str) -> contextlib.AbstractContextManager[str]:
+        return self.inner.write_volume(volume_id)
+
+    def capacity(self) -> Capacity:
+        return self.inner.capacity()
+
+    def attach(self, volume_id: str) -> str:
+        return self.inner.attach(volume_id)
+
+    def detach(self, volume_id: str) -> None:
+        self.inner.detach(volume_id)
+
+    def mount_source(self, volume_id: str) -> str:
+        return self.inner.mount_source(volume_id)
+
+    def device_of(self, volume_id: str) -> str | None:
+        return self.inner.device_of(volume_id)
+
+    def refresh_device(self, volume_id: str) -> int:
+        return self.inner.refresh_device(volume_id)
 
 
 def check_compatible(existing: Volume, req: VolumeRequest) -> None:
@@ -326,8 +516,6 @@ class Options:
         return float(value)
 
     def size(self, key: str, default: int | None) -> int | None:
-        from csi.system import parse_size
-
         value = self._get(key)
         if value is None:
             return default

@@ -53,6 +53,7 @@ FORMAT_VERSION = 1
 
 class FilePool(Pool):
     type = "filepool"
+    backups = True
 
     def __init__(self, name: str, options: dict[str, object], system: System) -> None:
         super().__init__(name, options)
@@ -323,6 +324,17 @@ class FilePool(Pool):
 
     def list_snapshots(self) -> list[Snapshot]:
         return self.store.all_snapshots()
+
+    @contextlib.contextmanager
+    def read_snapshot(self, snapshot_id: str) -> Iterator[str]:
+        if self.get_snapshot(snapshot_id) is None:
+            raise NotFound(f"snapshot {snapshot_id} does not exist in pool {self.name!r}")
+        yield self.store.path("snapshots", snapshot_id)
+
+    @contextlib.contextmanager
+    def write_volume(self, volume_id: str) -> Iterator[str]:
+        """The volume's sparse image itself: no loop device needed."""
+        yield self._existing_image(volume_id)
 
     def create_snapshot(
         self, name: str, source_volume_id: str, parameters: dict[str, str]

@@ -164,6 +164,7 @@ class PoolStatus:
 
 class LvmThinPool(Pool):
     type = "lvmthin"
+    backups = True
 
     def __init__(self, name: str, options: dict[str, object], system: System) -> None:
         super().__init__(name, options)
@@ -681,6 +682,27 @@ class LvmThinPool(Pool):
         with self._mutex:
             self._snapshots.pop(snapshot_id, None)
         log.info("pool %s: deleted snapshot %s", self.name, snapshot_id)
+
+    @contextlib.contextmanager
+    def read_snapshot(self, snapshot_id: str) -> Iterator[str]:
+        """The snapshot's thin LV, activated for the time of the ``with`` unless it was
+        active already (snapshots skip activation)."""
+        if self.get_snapshot(snapshot_id) is None:
+            raise NotFound(f"snapshot {snapshot_id} does not exist in pool {self.name!r}")
+        lv = self._lv(snapshot_id)
+        device = self._device_of_lv(lv)
+        activated = device is None
+        if activated:
+            self._lvm("lvchange", "--activate", "y", "--ignoreactivationskip", self._path(lv))
+            device = self._device_of_lv(lv)
+        try:
+            if device is None:
+                raise Internal(f"snapshot {snapshot_id}: its LV was activated but has no "
+                               "device")
+            yield device
+        finally:
+            if activated:
+                self._lvm("lvchange", "--activate", "n", self._path(lv))
 
     # ---- node side ------------------------------------------------------------------
 

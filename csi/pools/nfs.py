@@ -91,7 +91,8 @@ def scratch_owner(instance: str) -> str:
 
 class NfsPool(Pool):
     type = "nfs"
-    multi_node = True  # shared: any node mounts it; driven by the controller itself
+    node_local = False  # shared: any node mounts it; driven by the controller itself
+    multi_node = True
     block = False
     network = True
     node_expansion = False

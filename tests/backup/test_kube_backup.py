@@ -5,30 +5,33 @@ snapshot deletes the backup."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from csi.backup import engine
 from csi.backup.manager import BackupManager
+from csi.backup.pool import BackedUpPool
 from csi.backup.targets import DirTarget
 from csi.kube.agent import NodeAgent
-from csi.kube.placement import Placement, placement
+from csi.kube.pool import KubePool
 from csi.locks import KeyedTryLock
 from csi.pools import PoolSet
-from csi.pools.base import Snapshot, Source, Volume, VolumeRequest, new_id
-from tests.unit.test_kube import Cluster, MemoryPool
+from csi.pools.base import Placement, Snapshot, Source, Volume, VolumeRequest, new_id
+from tests.unit.test_kube import Cluster, MemoryPool, create_at
 
 MiB = 1 << 20
 
 
 class ImagePool(MemoryPool):
     """MemoryPool whose volumes and snapshots are files (what the backup reads/writes)."""
+
+    backups = True
 
     def __init__(self, folder: Path) -> None:
         super().__init__()
@@ -57,8 +60,9 @@ class ImagePool(MemoryPool):
         self.snapshots[snap.id] = snap
         return snap
 
-    def snapshot_path(self, snapshot_id: str) -> str:
-        return str(self.file(snapshot_id))
+    @contextlib.contextmanager
+    def read_snapshot(self, snapshot_id: str) -> Iterator[str]:
+        yield str(self.file(snapshot_id))
 
     def attach(self, volume_id: str) -> str:
         return str(self.file(volume_id))
@@ -75,19 +79,23 @@ def rig(tmp_path: Path) -> Iterator[tuple[Cluster, dict[str, ImagePool], DirTarg
         pool = pools[node] = ImagePool(tmp_path / node)
         backups = BackupManager({"nas": target}, str(tmp_path / f"{node}-state"), node)
         managers.append(backups)
-        agent = NodeAgent(c.api, PoolSet([pool]), node, KeyedTryLock(), capacity_interval=1.0,
-                          workers=2, backups=backups)
+        agent = NodeAgent(c.api, PoolSet([BackedUpPool(pool, backups)]), node, KeyedTryLock(),
+                          capacity_interval=1.0, workers=2)
+        backups.on_done = agent.backup_done  # as csi.wiring.node_agent does
         agent.start(sync_timeout=5)
         c.agents[node] = agent
-    c.kpool.backup_known = lambda sid: target.exists(engine.manifest_key(sid))
+    # the controller's view of the target (csi.wiring.controller_pools)
+    catalog = BackupManager({"nas": target}, str(tmp_path / "controller-state"), "ctl")
+    managers.append(catalog)
+    c.kpool = KubePool(ImagePool(tmp_path / "template"), c.state, catalog)
     yield c, pools, target
     c.stop()
     for m in managers:
         m.stop()
 
 
-def on(node: str) -> Any:
-    return placement(Placement(preferred=(node,), requisite=("node-a", "node-b")))
+def on(node: str) -> Placement:
+    return Placement(preferred=(node,), requisite=("node-a", "node-b"))
 
 
 def test_backup_and_restore_on_the_other_node(
@@ -95,8 +103,7 @@ def test_backup_and_restore_on_the_other_node(
     c, pools, target = rig
     req = VolumeRequest(name="pvc-1", size=64 * MiB, required=64 * MiB, limit=0,
                         fs_type="ext4", block=False)
-    with on("node-a"):
-        vol = c.kpool.create_volume(req)
+    vol = create_at(on("node-a"), c.kpool, req)
     image = pools["node-a"].file(vol.id)
     with open(image, "r+b") as f:
         f.seek(5 * MiB)
@@ -115,8 +122,7 @@ def test_backup_and_restore_on_the_other_node(
     # the scheduler picked node-b, which does not hold the snapshot: restored from there
     restore = VolumeRequest(name="pvc-2", size=64 * MiB, required=64 * MiB, limit=0,
                             fs_type="ext4", block=False, source=Source("snapshot", snap.id))
-    with on("node-b"):
-        restored = c.kpool.create_volume(restore)
+    restored = create_at(on("node-b"), c.kpool, restore)
     assert c.kpool.node_of(restored.id) == "node-b"
     assert restored.source == Source("snapshot", snap.id)
     assert restored.id in pools["node-b"].volumes
@@ -124,10 +130,9 @@ def test_backup_and_restore_on_the_other_node(
     assert hashlib.sha256(got).digest() == hashlib.sha256(image.read_bytes()).digest()
 
     # a restore onto the snapshot's own node clones it locally (no target read)
-    with on("node-a"):
-        local = c.kpool.create_volume(VolumeRequest(
-            name="pvc-3", size=64 * MiB, required=64 * MiB, limit=0, fs_type="ext4",
-            block=False, source=Source("snapshot", snap.id)))
+    local = create_at(on("node-a"), c.kpool, VolumeRequest(
+        name="pvc-3", size=64 * MiB, required=64 * MiB, limit=0, fs_type="ext4",
+        block=False, source=Source("snapshot", snap.id)))
     assert c.kpool.node_of(local.id) == "node-a"
 
     c.kpool.delete_snapshot(snap.id)

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from csi.backup.manager import build_targets
-from csi.backup.targets import DirTarget, S3Target, build_target
+from csi.backup.targets import DirTarget, S3Target, build_target, build_targets
 from csi.config import parse_config
 from csi.errors import InvalidArgument
 

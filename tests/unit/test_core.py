@@ -19,7 +19,8 @@ from csi.errors import (
 )
 from csi.locks import KeyedTryLock
 from csi.pools.base import Options, new_id, parse_id
-from csi.system import parse_mountinfo, parse_size
+from csi.system import parse_mountinfo
+from csi.validation import parse_size
 
 
 def test_one_table_maps_errors_to_codes() -> None:

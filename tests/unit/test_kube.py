@@ -4,6 +4,7 @@ talking through an in-memory implementation of KubeApi, over an in-memory pool."
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import queue
 import threading
@@ -21,13 +22,13 @@ from csi.kube import resources as res
 from csi.kube.agent import NodeAgent
 from csi.kube.api import Conflict, KubeApi, Obj
 from csi.kube.controller import DistributedControllerService
-from csi.kube.placement import Placement, is_node_local, placement
 from csi.kube.pool import InProgress, KubePool, KubeState
 from csi.locks import KeyedTryLock
 from csi.pools import PoolSet
 from csi.pools.base import (
     Capacity,
     Condition,
+    Placement,
     Pool,
     Snapshot,
     Volume,
@@ -302,8 +303,13 @@ def request(name: str = "pvc-1", size: int = GiB, source: Any = None) -> VolumeR
                          block=False, source=source)
 
 
-def on(node: str) -> Any:
-    return placement(Placement(preferred=(node,), requisite=(node,)))
+def on(node: str) -> Placement:
+    return Placement(preferred=(node,), requisite=(node,))
+
+
+def create_at(place: Placement, kpool: KubePool, req: VolumeRequest) -> Volume:
+    """CreateVolume with the accessibility requirements ``place`` names."""
+    return kpool.create_volume(dataclasses.replace(req, placement=place))
 
 
 def test_names_and_labels() -> None:
@@ -316,28 +322,27 @@ def test_names_and_labels() -> None:
 
 
 def test_pool_kinds() -> None:
-    assert is_node_local(MemoryPool())
+    assert MemoryPool().node_local
+    assert KubePool(MemoryPool(), KubeState(MemoryKubeApi())).node_local
 
     class Shared(MemoryPool):
-        multi_node = True
-    assert not is_node_local(Shared())
+        node_local = False
+    assert not KubePool(Shared(), KubeState(MemoryKubeApi())).node_local
 
 
 def test_volume_lifecycle_through_resources(cluster: Cluster) -> None:
     pool = cluster.add_node("node-a")
-    with on("node-a"):
-        vol = cluster.kpool.create_volume(request())
+    vol = create_at(on("node-a"), cluster.kpool, request())
     assert vol.id in pool.volumes and vol.size == GiB
     assert cluster.kpool.node_of(vol.id) == "node-a"
     obj = cluster.api.get(VOLUMES, "pvc-1")
     assert obj is not None and obj["status"]["phase"] == "Ready"
     assert FINALIZER in obj["metadata"]["finalizers"]
     # idempotent: same answer, one resource, one volume
-    with on("node-a"):
-        assert cluster.kpool.create_volume(request()).id == vol.id
+    assert create_at(on("node-a"), cluster.kpool, request()).id == vol.id
     assert len(pool.volumes) == 1
-    with on("node-a"), pytest.raises(AlreadyExists):
-        cluster.kpool.create_volume(request(size=5 * GiB))
+    with pytest.raises(AlreadyExists):
+        create_at(on("node-a"), cluster.kpool, request(size=5 * GiB))
 
     grown = cluster.kpool.expand_volume(vol.id, 3 * GiB)
     assert grown.size == 3 * GiB and pool.volumes[vol.id].size == 3 * GiB
@@ -346,13 +351,13 @@ def test_volume_lifecycle_through_resources(cluster: Cluster) -> None:
     assert snap.id in pool.snapshots
     assert cluster.kpool.get_snapshot(snap.id) is not None
     # restore lands on the snapshot's node whatever the preference, within the requisite
-    with placement(Placement(preferred=("node-b",), requisite=("node-a", "node-b"))):
-        restored = cluster.kpool.create_volume(request("pvc-2", 3 * GiB,
-                                                       res.Source("snapshot", snap.id)))
+    restored = create_at(Placement(preferred=("node-b",), requisite=("node-a", "node-b")),
+                         cluster.kpool,
+                         request("pvc-2", 3 * GiB, res.Source("snapshot", snap.id)))
     assert cluster.kpool.node_of(restored.id) == "node-a"
-    with placement(Placement(preferred=("node-b",), requisite=("node-b",))), \
-            pytest.raises(ResourceExhausted, match="lives on node node-a"):
-        cluster.kpool.create_volume(request("pvc-3", 3 * GiB, res.Source("snapshot", snap.id)))
+    with pytest.raises(ResourceExhausted, match="lives on node node-a"):
+        create_at(Placement(preferred=("node-b",), requisite=("node-b",)), cluster.kpool,
+                  request("pvc-3", 3 * GiB, res.Source("snapshot", snap.id)))
 
     for vid in (restored.id, vol.id):
         cluster.kpool.delete_volume(vid)
@@ -368,15 +373,13 @@ def test_timeout_is_retryable_and_never_duplicates() -> None:
     c = Cluster(timeout=0.5)
     c.state.start(sync_timeout=5)
     try:
-        with on("node-a"), pytest.raises(InProgress) as err:
-            c.kpool.create_volume(request())
+        with pytest.raises(InProgress) as err:
+            create_at(on("node-a"), c.kpool, request())
         assert isinstance(err.value, Aborted)
         pool = c.add_node("node-a")  # the agent comes up late, resyncs, creates
         c.state.timeout = 5.0
-        with on("node-a"):
-            vol = c.kpool.create_volume(request())
-        with on("node-a"):
-            assert c.kpool.create_volume(request()).id == vol.id
+        vol = create_at(on("node-a"), c.kpool, request())
+        assert create_at(on("node-a"), c.kpool, request()).id == vol.id
         assert len(pool.volumes) == 1 and len(c.api.objects[VOLUMES]) == 1
     finally:
         c.stop()
@@ -385,23 +388,22 @@ def test_timeout_is_retryable_and_never_duplicates() -> None:
 def test_node_failure_is_reported_and_cleared(cluster: Cluster) -> None:
     pool = cluster.add_node("node-a")
     pool.fail_create = ResourceExhausted("pool 'local' is full")
-    with on("node-a"), pytest.raises(ResourceExhausted, match="is full"):
-        cluster.kpool.create_volume(request())
+    with pytest.raises(ResourceExhausted, match="is full"):
+        create_at(on("node-a"), cluster.kpool, request())
     # the failed attempt is removed, so a retry starts afresh
     deadline = time.monotonic() + 5
     while "pvc-1" in cluster.api.objects[VOLUMES] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert "pvc-1" not in cluster.api.objects[VOLUMES]
     pool.fail_create = None
-    with on("node-a"):
-        assert cluster.kpool.create_volume(request()).id in pool.volumes
+    assert create_at(on("node-a"), cluster.kpool, request()).id in pool.volumes
 
 
 def test_node_required_and_missing_source(cluster: Cluster) -> None:
     with pytest.raises(Exception, match="WaitForFirstConsumer"):
         cluster.kpool.create_volume(request())
-    with on("node-a"), pytest.raises(NotFound):
-        cluster.kpool.create_volume(request("pvc-9", GiB, res.Source("snapshot",
+    with pytest.raises(NotFound):
+        create_at(on("node-a"), cluster.kpool, request("pvc-9", GiB, res.Source("snapshot",
                                                                      new_id("local", "snap"))))
 
 
@@ -446,8 +448,7 @@ def test_volume_topology_in_replies(cluster: Cluster) -> None:
 
 def test_agent_resyncs_after_restart(cluster: Cluster) -> None:
     pool = cluster.add_node("node-a")
-    with on("node-a"):
-        vol = cluster.kpool.create_volume(request())
+    vol = create_at(on("node-a"), cluster.kpool, request())
     cluster.stop_node("node-a")
     # intent written while the agent is down is picked up when it comes back
     cluster.api.delete(VOLUMES, "pvc-1")

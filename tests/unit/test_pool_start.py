@@ -17,14 +17,22 @@ from csi.controller import ControllerService
 from csi.errors import Unavailable, status_code
 from csi.identity import IdentityService
 from csi.kube import NODES
-from csi.kube.wiring import node_events
 from csi.locks import KeyedTryLock
 from csi.metrics import PoolCollector
 from csi.node import NodeService
 from csi.pools import PoolDown, PoolFailure, PoolSet
 from csi.pools.base import new_id
 from csi.system import System
-from tests.unit.test_kube import Cluster, GiB, MemoryKubeApi, MemoryPool, on, request
+from csi.wiring import node_events
+from tests.unit.test_kube import (
+    Cluster,
+    GiB,
+    MemoryKubeApi,
+    MemoryPool,
+    create_at,
+    on,
+    request,
+)
 
 CAP = csi_pb2.VolumeCapability(
     mount=csi_pb2.VolumeCapability.MountVolume(fs_type="ext4"),
@@ -271,18 +279,16 @@ def test_node_agent_reports_a_failed_pool_and_serves_it_once_started() -> None:
                              for e in cluster.api.events))
         wait_for(lambda: "node-b" in cluster.state.node_pools())
         # the controller refuses at once, naming the node's start error
-        with on("node-b"), pytest.raises(Unavailable, match="device-mapper is missing"):
-            cluster.kpool.create_volume(request("pvc-b"))
+        with pytest.raises(Unavailable, match="device-mapper is missing"):
+            create_at(on("node-b"), cluster.kpool, request("pvc-b"))
         assert cluster.kpool.capacity_on("node-b") is None  # GetCapacity: 0 there
-        with on("node-a"):
-            assert cluster.kpool.create_volume(request("pvc-a")).id in good.volumes
+        assert create_at(on("node-a"), cluster.kpool, request("pvc-a")).id in good.volumes
         bad.fixed = True
         wait_for(lambda: ps.failure("local") is None)
         wait_for(lambda: any(e[:2] == ("node-b", "PoolStarted") for e in cluster.api.events))
         wait_for(lambda: (cluster.state.node_pools().get("node-b", {}).get("local", {})
                           .get("started")) is True)
-        with on("node-b"):
-            assert cluster.kpool.create_volume(request("pvc-b")).id in bad.volumes
+        assert create_at(on("node-b"), cluster.kpool, request("pvc-b")).id in bad.volumes
         ps.stop()
     finally:
         cluster.stop()
