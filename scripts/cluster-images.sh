@@ -32,9 +32,22 @@ REGISTRY=flotilla.local   # a name only: nothing is pulled
 SUITE=bookworm
 PACKAGES=(python3 python3-venv util-linux mount e2fsprogs xfsprogs btrfs-progs lvm2
           thin-provisioning-tools nfs-common ca-certificates)
-# prebuilt kubernetes-csi binaries (see their README); a checkout elsewhere (a clone under
-# /tmp) names them with FLOTILLA_SHARED_BIN, or uses what an earlier run unpacked
-SHARED=${FLOTILLA_SHARED_BIN:-$REPO/../shared/bin}
+# prebuilt kubernetes-csi binaries (see their README), beside the checkout; a clone
+# elsewhere (under /tmp) finds them beside the local checkout it was cloned from, or is
+# told with FLOTILLA_SHARED_BIN, or uses what an earlier run unpacked
+shared_bin() {
+    [[ -n ${FLOTILLA_SHARED_BIN:-} ]] && { echo "$FLOTILLA_SHARED_BIN"; return; }
+    [[ -d $REPO/../shared/bin ]] && { echo "$REPO/../shared/bin"; return; }
+    local origin
+    origin=$(git -C "$REPO" remote get-url origin 2>/dev/null || true)
+    origin=${origin#file://}
+    if [[ $origin == /* && -d $origin/../shared/bin ]]; then
+        echo "$origin/../shared/bin"
+        return
+    fi
+    echo "$REPO/../shared/bin"
+}
+SHARED=$(shared_bin)
 
 log() { printf '[cluster-images] %s\n' "$*" >&2; }
 [[ $(id -u) -eq 0 ]] || { echo "cluster-images.sh needs root (debootstrap, chroot)" >&2; exit 1; }
@@ -106,7 +119,7 @@ for name in csi-node-driver-registrar livenessprobe; do
     elif [[ -x $unpacked && -s $unpacked.tag ]]; then
         log "$name: $SHARED is not here; using the one unpacked before ($(cat "$unpacked.tag"))"
     else
-        echo "cluster-images: $SHARED/$name.xz is missing (the module proxy refuses $name, so it comes prebuilt): set FLOTILLA_SHARED_BIN to the directory that holds it" >&2
+        echo "cluster-images: $SHARED/$name.xz is missing (the module proxy refuses $name, so it comes prebuilt; looked beside this checkout and beside the one it was cloned from): set FLOTILLA_SHARED_BIN to the directory that holds it" >&2
         exit 1
     fi
     binary_image "$name" "$(cat "$unpacked.tag")" "$unpacked"
