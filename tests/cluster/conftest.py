@@ -45,8 +45,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     params = [pytest.param(p, id=p.name) for p in pools if types is None or p.type in types]
     if not params:
         params = [pytest.param(None, id="none", marks=pytest.mark.skip(
-            reason=f"this cluster has no pool of type {'/'.join(types or ())} (the host "
-                   "kernel lacks NFS/device-mapper: tests/vm runs a cluster that has them)"))]
+            reason=f"this cluster has no pool of type {'/'.join(types or ())}: the host "
+                   "kernel lacks NFS and device-mapper (a Linux host with them runs it with "
+                   "FLOTILLA_CLUSTER_POOLS; the guest cluster of tests/vm/cluster_guest.py "
+                   "is not in CI yet)"))]
     metafunc.parametrize("pool", params)
 
 
