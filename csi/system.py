@@ -594,6 +594,18 @@ class System:
         finally:
             os.close(fd)
 
+    def read_error(self, p: NodePath) -> str | None:
+        """Why the directory at ``p`` (a local mount) cannot be read, in the kernel's
+        words, when its filesystem is broken (EIO, ESTALE, ENOTCONN, EUCLEAN); None when
+        it reads. Any other failure is a path error (NotFound, InvalidArgument, ...)."""
+        try:
+            self.list_dir(p)
+        except OSError as err:
+            if err.errno in (errno.EIO, errno.ESTALE, errno.ENOTCONN, errno.EUCLEAN):
+                return err.strerror or str(err)
+            raise path_error(err, p.what, p.given) from None
+        return None
+
     # ---- loop devices ---------------------------------------------------------------
 
     def _sys_read(self, *parts: str) -> str | None:

@@ -20,10 +20,13 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from csi.errors import AlreadyExists, InvalidArgument, NotFound
 from csi.validation import parse_size
+
+if TYPE_CHECKING:
+    from csi.pools.access import Access
 
 ID_RE = re.compile(r"^(?P<pool>[a-z0-9][a-z0-9-]{0,31}):(?P<kind>vol|snap)-(?P<uid>[0-9a-f]{32})$")
 POOL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
@@ -354,6 +357,18 @@ class Pool(abc.ABC):
     def refresh_device(self, volume_id: str) -> int:
         """Make an attached device show the volume's current size; return that size."""
 
+    def node_access(self, volume_id: str) -> Access:
+        """How this node reaches the volume (cheap, no I/O; the volume need not exist).
+
+        By default the volume is attached as a block device (:meth:`attach`), formatted,
+        mounted at the staging path and bound from there
+        (:class:`~csi.pools.access.AttachedAccess`); a pool whose nodes mount volumes
+        over the network returns a :class:`~csi.pools.access.NetworkAccess`.
+        """
+        from csi.pools.access import AttachedAccess  # that module imports this one
+
+        return AttachedAccess(self, volume_id)
+
 
 class PoolWrapper(Pool):
     """A pool that adds behaviour around another (``inner``) and forwards the rest.
@@ -449,6 +464,9 @@ class PoolWrapper(Pool):
 
     def refresh_device(self, volume_id: str) -> int:
         return self.inner.refresh_device(volume_id)
+
+    def node_access(self, volume_id: str) -> Access:
+        return self.inner.node_access(volume_id)
 
 
 def check_compatible(existing: Volume, req: VolumeRequest) -> None:

@@ -55,6 +55,7 @@ from csi.errors import (
     Unavailable,
 )
 from csi.faults import crashpoint
+from csi.pools.access import Access, NetworkAccess
 from csi.pools.base import (
     Capacity,
     Condition,
@@ -546,6 +547,9 @@ class NfsPool(Pool):
         self.store.remove("snapshots", snapshot_id, _remove_readonly_tree)
 
     # ---- node side: a network mount, no block device -------------------------------
+
+    def node_access(self, volume_id: str) -> Access:
+        return NetworkAccess(self, volume_id)
 
     def mount_source(self, volume_id: str) -> str:
         uid = self.store.uid(volume_id, "vol")
