@@ -19,7 +19,8 @@ Module map::
     pool.py       KubePool: the controller's stand-in for a node-local pool
     agent.py      NodeAgent: reconciles the node's resources through the real pools
     controller.py ControllerService with per-volume topology and per-segment capacity
-    wiring.py     building the pool set and the services of each mode
+
+(csi/wiring.py builds these for ``--mode controller`` and ``--mode node``.)
 """
 
 GROUP = "flotilla.csi.io"
