@@ -32,6 +32,7 @@ from csi.errors import (
     OutOfRange,
     Unavailable,
 )
+from csi.pools import BACKUP_POOL_TYPES
 from csi.pools.base import Pool, Snapshot, Source, Volume, VolumeRequest, check_compatible
 
 log = logging.getLogger(__name__)
@@ -139,8 +140,6 @@ class BackupManager:
             return
         self.target(name)
         if not pool.backups:
-            from csi.pools import BACKUP_POOL_TYPES
-
             raise InvalidArgument(f"pool {pool.name!r} is a {pool.type} pool: backups "
                                   f"({BACKUP_PARAMETER}) are for {', '.join(BACKUP_POOL_TYPES)}"
                                   " pools")

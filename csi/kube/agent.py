@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from csi import __version__
 from csi.errors import Aborted, FlotillaError, InvalidArgument, NotFound, Unavailable
@@ -29,9 +29,6 @@ from csi.locks import KeyedTryLock
 from csi.pools import PoolDown, PoolFailure, PoolSet
 from csi.pools.base import Pool, VolumeRequest
 from csi.validation import resolve_size
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,6 @@ from csi.kube import resources as res
 from csi.kube.api import ApiUnavailable, Conflict, KubeApi, Obj
 from csi.kube.informer import Informer
 from csi.pools.base import (
-    CAPABILITIES,
     Capacity,
     Condition,
     Placement,
@@ -112,8 +111,7 @@ class KubePool(Pool):
     def __init__(self, template: Pool, state: KubeState,
                  backups: BackupManager | None = None) -> None:
         super().__init__(template.name, template.options)
-        for key in CAPABILITIES:
-            setattr(self, key, getattr(template, key))
+        self.take_capabilities(template)
         self.state = state
         self.catalog = backups
 

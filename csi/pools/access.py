@@ -344,7 +344,7 @@ class AttachedAccess(Access):
                    m: MountInfo) -> Condition:
         cond = self.pool.volume_condition(self.volume_id)
         if cond.abnormal:
-            return Condition(True, cond.message)
+            return cond
         if device is None:
             return Condition(True, "volume is not attached on this node")
         backing = system.loop_backing_file(device) or ""
@@ -431,8 +431,7 @@ class NetworkAccess(Access):
         if st is None:
             return VolumeStats(Condition(
                 True, f"{p.given} does not answer: stale handle or server down"))
-        cond = self.pool.volume_condition(self.volume_id)
-        return VolumeStats(Condition(cond.abnormal, cond.message), fs=st)
+        return VolumeStats(self.pool.volume_condition(self.volume_id), fs=st)
 
     def expand(self, host: NodeHost, p: NodePath, m: MountInfo) -> int:
         return self.pool.refresh_device(self.volume_id)  # the server's directory: no fs

@@ -182,6 +182,12 @@ class Pool(abc.ABC):
     #: keeps host-side paths its options leave open
     state_dir: str = ""
 
+    def take_capabilities(self, other: Pool) -> None:
+        """Declare what ``other`` declares (:data:`CAPABILITIES`): for a pool that stands
+        for another (a wrapper, the controller's KubePool)."""
+        for key in CAPABILITIES:
+            setattr(self, key, getattr(other, key))
+
     def __init__(self, name: str, options: dict[str, object]) -> None:
         if not POOL_NAME_RE.match(name):
             raise InvalidArgument(
@@ -384,8 +390,7 @@ class PoolWrapper(Pool):
         self._copy_capabilities()
 
     def _copy_capabilities(self) -> None:
-        for key in CAPABILITIES:
-            setattr(self, key, getattr(self.inner, key))
+        self.take_capabilities(self.inner)
         self.instance, self.state_dir = self.inner.instance, self.inner.state_dir
 
     def start(self) -> None:
