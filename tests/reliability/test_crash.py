@@ -206,19 +206,25 @@ def test_kill_and_retry_converges(rig: Rig, point: str, op: Op) -> None:
     assert rig.driver.stop() == 0
 
 
+# Points of pools that need a kernel this host lacks (device-mapper, nfsd). No tier sets
+# FLOTILLA_CRASH_AT for them yet (issue 21); they are named here so that this list can only
+# shrink: a new point anywhere else must be exercised by CASES.
+NOT_EXERCISED = {"lvmthin.create.snapshotted", "lvmthin.expand.tagged",
+                 "nfs.create.copied", "nfs.snapshot.copied"}
+
+
 def test_every_crash_point_is_exercised() -> None:
     src = Path(__file__).resolve().parents[2] / "csi"
-    # literal points of the filepool and the node service (points of pools that need the
-    # VM tier's kernel are exercised there) ...
-    declared = {m for path in (src / "node.py", src / "pools" / "filepool.py")
-                for m in re.findall(r'crashpoint\(f?"([^"{]*)', path.read_text())}
-    assert len(declared) >= 7
-    # ... and the object store's commit and removal steps, for volumes and snapshots
+    literal = re.compile(r'crashpoint\("([^"]+)"\)')
+    declared = {m for path in src.rglob("*.py") for m in literal.findall(path.read_text())}
+    assert {"node.stage.attached", "filepool.create.cloned"} <= declared, "scan found nothing"
+    # the object store's commit and removal steps, for filepool volumes and snapshots
     store = (src / "pools" / "store.py").read_text()
     steps = re.findall(r'crashpoint\(f"\{self\.crash_prefix\}\.\{kind\}\.([^"]+)"', store)
     assert sorted(steps) == ["committed", "image-in-place", "meta-written", "removed.json"]
     declared |= {f"filepool.{kind}.{step}" for kind in ("volumes", "snapshots")
                  for step in steps}
     tested = {p for p, _ in CASES}
-    for prefix in declared:
-        assert any(t.startswith(prefix) for t in tested), f"untested crash point: {prefix}"
+    assert declared >= NOT_EXERCISED, f"stale names: {NOT_EXERCISED - declared}"
+    assert not NOT_EXERCISED & tested, "exercised now: drop from NOT_EXERCISED"
+    assert sorted(declared - tested - NOT_EXERCISED) == []
