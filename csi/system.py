@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from csi.errors import (
     AlreadyExists,
@@ -36,6 +37,10 @@ from csi.errors import (
 log = logging.getLogger(__name__)
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int)
+#: errors of FICLONE that mean "this filesystem (or server) cannot clone": copy instead
+NO_CLONE = frozenset({errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL,
+                      errno.ENOSYS, errno.ENOTSUP})
+COPY_CHUNK = 8 << 20
 FIFREEZE = 0xC0045877  # _IOWR('X', 119, int)
 FITHAW = 0xC0045878  # _IOWR('X', 120, int)
 
@@ -851,6 +856,32 @@ class System:
         finally:
             os.close(fd_src)
 
+    @staticmethod
+    def clone_or_copy(src: str, dst: str, clone: bool = True) -> Literal["clone", "copy"]:
+        """Make the new file ``dst`` (never an existing one) hold ``src``'s data: shared
+        extents (FICLONE, e.g. a server-side clone over NFSv4.2) where the filesystem can
+        and ``clone`` is set, else a copy. ``src`` is never followed if it is a symlink."""
+        fd_src = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            fd_dst = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                if clone:
+                    try:
+                        fcntl.ioctl(fd_dst, FICLONE, fd_src)
+                        return "clone"
+                    except OSError as err:
+                        if err.errno not in NO_CLONE:
+                            raise
+                size = os.fstat(fd_src).st_size
+                while chunk := os.read(fd_src, COPY_CHUNK):
+                    os.write(fd_dst, chunk)
+                os.ftruncate(fd_dst, size)
+                return "copy"
+            finally:
+                os.close(fd_dst)
+        finally:
+            os.close(fd_src)
+
     def supports_reflink(self, directory: str) -> bool:
         """True when FICLONE works between two files in ``directory``."""
         a = os.path.join(directory, f".reflink-probe-{os.getpid()}-a")
@@ -888,6 +919,25 @@ class System:
             os.close(fd)
         os.replace(tmp, path)
         self.fsync_dir(os.path.dirname(path) or ".")
+
+    # ---- process locks --------------------------------------------------------------
+
+    @staticmethod
+    def try_lock(path: str) -> int | None:
+        """Take an exclusive ``flock`` on ``path`` (created 0600) without waiting: the
+        descriptor that holds it until :meth:`unlock` or this process's exit, or None when
+        another process holds it. OSError when the file cannot be created."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    @staticmethod
+    def unlock(fd: int) -> None:
+        os.close(fd)
 
     # ---- LVM ------------------------------------------------------------------------
 

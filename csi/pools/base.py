@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from csi.errors import AlreadyExists, InvalidArgument, NotFound
+from csi.errors import AlreadyExists, InvalidArgument, NotFound, OutOfRange
 from csi.validation import parse_size
 
 if TYPE_CHECKING:
@@ -271,6 +271,26 @@ class Pool(abc.ABC):
 
     @abc.abstractmethod
     def list_snapshots(self) -> list[Snapshot]: ...
+
+    def source_of(self, req: VolumeRequest) -> Volume | Snapshot | None:
+        """The snapshot or volume ``req`` restores or clones (None: a new empty volume).
+
+        Raises: NotFound (no such source in this pool), OutOfRange (``req.size`` is
+        smaller than the source).
+        """
+        if req.source is None:
+            return None
+        found: Volume | Snapshot | None = (
+            self.get_snapshot(req.source.id) if req.source.kind == "snapshot"
+            else self.get_volume(req.source.id))
+        if found is None:
+            raise NotFound(f"source {req.source.kind} {req.source.id} does not exist in "
+                           f"pool {self.name!r}")
+        if req.size < found.size:
+            raise OutOfRange(
+                f"requested {req.size} bytes is smaller than the source's {found.size} "
+                "bytes; a volume can only be restored or cloned at the same size or larger")
+        return found
 
     def snapshot_request(self, name: str, source_volume_id: str) -> Snapshot | Volume:
         """The start of every create_snapshot: the snapshot already made under ``name``
@@ -564,21 +584,3 @@ class Options:
                 f"pool {self.pool!r}: unknown option(s) {', '.join(unknown)}; "
                 "see the configuration reference in README.md"
             )
-
-
-def limit_refusal(pool: str, size: int, used: int, provisioned: int, extra: int,
-                  overprovision_ratio: float, max_used_percent: float) -> str | None:
-    """Why provisioning ``extra`` more bytes would break a thin-pool limit (None: fits).
-
-    ``size``/``used`` are physical bytes, ``provisioned`` the sum of volume sizes.
-    """
-    used_pct = 100.0 * used / size if size else 100.0
-    if used_pct >= max_used_percent:
-        return (f"pool {pool!r} is {used_pct:.1f}% physically used, at or over "
-                f"max_used_percent={max_used_percent:g}")
-    allowed = int(size * overprovision_ratio)
-    if provisioned + extra > allowed:
-        return (f"pool {pool!r}: provisioning {extra} more bytes would make "
-                f"{provisioned + extra} provisioned, over overprovision_ratio="
-                f"{overprovision_ratio:g} x {size} bytes = {allowed} bytes")
-    return None

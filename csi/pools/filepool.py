@@ -17,7 +17,6 @@ share extents and cost O(extents); deleting one never affects another.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 from collections.abc import Iterator
@@ -26,8 +25,6 @@ from csi.errors import (
     Aborted,
     FailedPrecondition,
     NotFound,
-    OutOfRange,
-    ResourceExhausted,
     Unavailable,
 )
 from csi.faults import crashpoint
@@ -40,9 +37,9 @@ from csi.pools.base import (
     Volume,
     VolumeRequest,
     check_compatible,
-    limit_refusal,
     new_id,
 )
+from csi.pools.index import Fill, ThinBudget, physical_fill
 from csi.pools.store import ObjectStore
 from csi.system import System
 
@@ -68,10 +65,11 @@ class FilePool(Pool):
         self.mount_options = ("discard",) if opts.flag("discard", True) else ()
         opts.finish()
         self.backing_image = self.path.rstrip("/") + ".xfs"
-        self._reserved = 0
         self._lock_fd: int | None = None
         self._dirs = {k: os.path.join(self.path, k) for k in ("volumes", "snapshots", "tmp")}
         self.store = ObjectStore(name, system, self._dirs, ".img", "filepool")
+        self.index = self.store.index
+        self.budget = ThinBudget(self.index, f"pool {name!r}", self.overprovision_ratio)
 
     # ---- lifecycle ------------------------------------------------------------------
 
@@ -93,18 +91,14 @@ class FilePool(Pool):
 
     def stop(self) -> None:
         if self._lock_fd is not None:
-            os.close(self._lock_fd)
+            self.system.unlock(self._lock_fd)
             self._lock_fd = None
 
     def _take_lock(self) -> None:
-        fd = os.open(os.path.join(self.path, ".flotilla.lock"), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        fd = self.system.try_lock(os.path.join(self.path, ".flotilla.lock"))
+        if fd is None:
             raise Unavailable(
-                f"pool {self.name!r}: {self.path} is in use by another flotilla process"
-            ) from None
+                f"pool {self.name!r}: {self.path} is in use by another flotilla process")
         self._lock_fd = fd
 
     def _mount_backing_image(self) -> None:
@@ -171,61 +165,41 @@ class FilePool(Pool):
 
     # ---- capacity -------------------------------------------------------------------
 
-    def _fs_usage(self) -> tuple[int, int]:
+    def _usage(self) -> tuple[int, int, list[Fill]]:
+        """Physical size and use of the pool's filesystem, and its fill level."""
         st = os.statvfs(self.path)
         size = st.f_blocks * st.f_frsize
         used = (st.f_blocks - st.f_bfree) * st.f_frsize
-        return size, used
+        return size, used, [physical_fill(size, used, self.max_used_percent)]
 
-    def _limit_check(self, extra: int) -> str | None:
-        """Why ``extra`` more provisioned bytes would break a limit (None if it fits).
-        Call with the store's mutex held."""
-        size, used = self._fs_usage()
-        return limit_refusal(self.name, size, used, self.store.provisioned() + self._reserved,
-                             extra, self.overprovision_ratio, self.max_used_percent)
-
-    @contextlib.contextmanager
-    def _reserve(self, extra: int) -> Iterator[None]:
-        with self.store.mutex:
-            reason = self._limit_check(extra)
-            if reason:
-                raise ResourceExhausted(reason)
-            self._reserved += extra
-        try:
-            yield
-        finally:
-            with self.store.mutex:
-                self._reserved -= extra
+    def _reserve(self, extra: int) -> contextlib.AbstractContextManager[None]:
+        size, _, fills = self._usage()
+        return self.budget.reserve(size, fills, extra)
 
     def capacity(self) -> Capacity:
-        size, used = self._fs_usage()
-        with self.store.mutex:
-            provisioned = self.store.provisioned()
-            nvol, nsnap = len(self.store.volumes), len(self.store.snapshots)
-            refusing = self._limit_check(0) is not None
-            reserved = self._reserved
-        headroom = int(size * self.overprovision_ratio) - provisioned - reserved
-        available = 0 if refusing else max(0, headroom)
-        return Capacity(size=size, used=used, provisioned=provisioned, available=available,
-                        volumes=nvol, snapshots=nsnap)
+        size, used, fills = self._usage()
+        b = self.budget.state(size, fills)
+        return Capacity(size=size, used=used, provisioned=b.provisioned, available=b.available,
+                        volumes=b.volumes, snapshots=b.snapshots)
 
     # ---- volumes --------------------------------------------------------------------
 
     def get_volume(self, volume_id: str) -> Volume | None:
-        return self.store.volume(volume_id)
+        return self.index.volume(volume_id)
 
     def find_volume(self, name: str) -> Volume | None:
-        return self.store.volume_named(name)
+        return self.index.volume_named(name)
 
     def list_volumes(self) -> list[Volume]:
-        return self.store.all_volumes()
+        return self.index.volumes()
 
     def create_volume(self, req: VolumeRequest) -> Volume:
         existing = self.find_volume(req.name)
         if existing is not None:
             check_compatible(existing, req)
             return existing
-        source_img = self._source_image(req)
+        source = self.source_of(req)
+        source_img = None if source is None else self._payload(source)
         volume = Volume(id=new_id(self.name, "vol"), name=req.name, pool=self.name,
                         size=req.size, fs_type=req.fs_type, source=req.source,
                         parameters=dict(req.parameters))
@@ -247,27 +221,8 @@ class FilePool(Pool):
                  volume.name, volume.size, f" from {req.source}" if req.source else "")
         return volume
 
-    def _source_image(self, req: VolumeRequest) -> str | None:
-        if req.source is None:
-            return None
-        if req.source.kind == "snapshot":
-            snap = self.get_snapshot(req.source.id)
-            if snap is None:
-                raise NotFound(f"source snapshot {req.source.id} does not exist in pool "
-                               f"{self.name!r}")
-            size, path = snap.size, self.store.path("snapshots", snap.id)
-        else:
-            vol = self.get_volume(req.source.id)
-            if vol is None:
-                raise NotFound(f"source volume {req.source.id} does not exist in pool "
-                               f"{self.name!r}")
-            size, path = vol.size, self.image_path(vol.id)
-        if req.size < size:
-            raise OutOfRange(
-                f"requested {req.size} bytes is smaller than the source's {size} bytes; "
-                "a volume can only be restored or cloned at the same size or larger"
-            )
-        return path
+    def _payload(self, obj: Volume | Snapshot) -> str:
+        return self.store.path("volumes" if isinstance(obj, Volume) else "snapshots", obj.id)
 
     def delete_volume(self, volume_id: str) -> None:
         if self.get_volume(volume_id) is None:
@@ -317,13 +272,13 @@ class FilePool(Pool):
     # ---- snapshots ------------------------------------------------------------------
 
     def get_snapshot(self, snapshot_id: str) -> Snapshot | None:
-        return self.store.snapshot(snapshot_id)
+        return self.index.snapshot(snapshot_id)
 
     def find_snapshot(self, name: str) -> Snapshot | None:
-        return self.store.snapshot_named(name)
+        return self.index.snapshot_named(name)
 
     def list_snapshots(self) -> list[Snapshot]:
-        return self.store.all_snapshots()
+        return self.index.snapshots()
 
     @contextlib.contextmanager
     def read_snapshot(self, snapshot_id: str) -> Iterator[str]:
@@ -343,10 +298,8 @@ class FilePool(Pool):
         if isinstance(found, Snapshot):
             return found
         vol = found
-        with self.store.mutex:
-            reason = self._limit_check(0)
-        if reason:
-            raise ResourceExhausted(reason)
+        size, _, fills = self._usage()
+        self.budget.refuse(size, fills)
         snap = Snapshot(id=new_id(self.name, "snap"), name=name, pool=self.name,
                         source_volume_id=vol.id, size=vol.size, parameters=dict(parameters))
         origin = self.image_path(vol.id)

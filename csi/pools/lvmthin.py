@@ -35,12 +35,10 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import fcntl
 import json
 import logging
 import os
 import re
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -52,7 +50,6 @@ from csi.errors import (
     Internal,
     InvalidArgument,
     NotFound,
-    OutOfRange,
     ResourceExhausted,
     Unavailable,
 )
@@ -70,6 +67,7 @@ from csi.pools.base import (
     new_id,
     parse_id,
 )
+from csi.pools.index import Fill, ObjectIndex, ThinBudget
 from csi.system import LVM_LV_FIELDS, System
 
 log = logging.getLogger(__name__)
@@ -188,10 +186,9 @@ class LvmThinPool(Pool):
                     "digits, '+', '_', '.', '-'; not starting with '-'; at most 127)"
                 )
         self._lv_re = re.compile(rf"^fl-{re.escape(name)}-(vol|snap)-([0-9a-f]{{32}})$")
-        self._mutex = threading.Lock()
-        self._volumes: dict[str, Volume] = {}
-        self._snapshots: dict[str, Snapshot] = {}
-        self._reserved = 0
+        self.index = ObjectIndex()
+        self.budget = ThinBudget(self.index, f"pool {name!r} (thin pool {self.vg}/"
+                                 f"{self.thin_pool})", self.overprovision_ratio)
         self._lock_fd: int | None = None
         self._report_cache: tuple[float, list[LV]] | None = None
         self._status_cache: tuple[float, PoolStatus] | None = None
@@ -314,7 +311,7 @@ class LvmThinPool(Pool):
 
     def stop(self) -> None:
         if self._lock_fd is not None:
-            os.close(self._lock_fd)
+            self.system.unlock(self._lock_fd)
             self._lock_fd = None
 
     def _take_lock(self) -> None:
@@ -323,24 +320,21 @@ class LvmThinPool(Pool):
                             f"flotilla-lvmthin-{self.vg}-{self.thin_pool}.lock")
         try:
             os.makedirs(self.lock_dir, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = self.system.try_lock(path)
         except OSError as err:
             raise Unavailable(f"pool {self.name!r}: cannot create the lock file {path} "
                               f"({err.strerror}); mount a writable directory at lock_dir "
                               f"{self.lock_dir} (the host's /run/lock/lvm) or set the pool "
                               "option lock_dir") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        if fd is None:
             raise Unavailable(f"pool {self.name!r}: thin pool {self.vg}/{self.thin_pool} is "
-                              "in use by another flotilla process") from None
+                              "in use by another flotilla process")
         self._lock_fd = fd
 
     def _reconcile(self) -> None:
         """Rebuild the index from LV tags; finish size changes a crash interrupted."""
         volumes: dict[str, Volume] = {}
-        snapshots: dict[str, Snapshot] = {}
+        snapshots: list[Snapshot] = []
         for lv in self._report(fresh=False):
             m = self._lv_re.match(lv.name)
             if m is None:
@@ -362,14 +356,11 @@ class LvmThinPool(Pool):
                     if lv.size < vol.size:
                         self._short.add(vol.id)
                 else:
-                    snap = self._snapshot_from(object_id, lv)
-                    snapshots[snap.id] = snap
+                    snapshots.append(self._snapshot_from(object_id, lv))
             except (KeyError, ValueError, binascii.Error, UnicodeDecodeError) as err:
                 log.error("pool %s: LV %s/%s has unreadable tags (%s); left in place",
                           self.name, self.vg, lv.name, err)
-        with self._mutex:
-            self._volumes = volumes
-            self._snapshots = snapshots
+        self.index.replace_all(list(volumes.values()), snapshots)
         for vol in volumes.values():
             if vol.id in self._short:
                 log.info("pool %s: finishing the growth of %s to %d bytes", self.name,
@@ -435,50 +426,24 @@ class LvmThinPool(Pool):
 
     # ---- capacity -------------------------------------------------------------------
 
-    def _limit_check(self, status: PoolStatus, extra: int) -> str | None:
-        """Why ``extra`` more provisioned bytes would break a limit (None if it fits).
-        Call with the mutex held."""
-        where = f"pool {self.name!r} (thin pool {self.vg}/{self.thin_pool})"
-        if status.data_percent >= self.max_data_percent:
-            return (f"{where}: data space is {status.data_percent:.1f}% used, at or over "
-                    f"max_data_percent={self.max_data_percent:g}")
-        if status.metadata_percent >= self.max_metadata_percent:
-            return (f"{where}: metadata space is {status.metadata_percent:.1f}% used, at or "
-                    f"over max_metadata_percent={self.max_metadata_percent:g}")
-        provisioned = sum(v.size for v in self._volumes.values()) + self._reserved
-        allowed = int(status.size * self.overprovision_ratio)
-        if extra and provisioned + extra > allowed:
-            return (f"{where}: provisioning {extra} more bytes would make "
-                    f"{provisioned + extra} provisioned, over overprovision_ratio="
-                    f"{self.overprovision_ratio:g} x {status.size} bytes = {allowed} bytes")
-        return None
+    def _fills(self, status: PoolStatus) -> list[Fill]:
+        return [
+            Fill("data space", status.data_percent, "max_data_percent", self.max_data_percent),
+            Fill("metadata space", status.metadata_percent, "max_metadata_percent",
+                 self.max_metadata_percent)]
 
-    @contextlib.contextmanager
-    def _reserve(self, extra: int) -> Iterator[None]:
+    def _reserve(self, extra: int) -> contextlib.AbstractContextManager[None]:
+        # the thin pool's virtual data size is what overprovision_ratio multiplies
         status = self._status()
-        with self._mutex:
-            reason = self._limit_check(status, extra)
-            if reason:
-                raise ResourceExhausted(reason)
-            self._reserved += extra
-        try:
-            yield
-        finally:
-            with self._mutex:
-                self._reserved -= extra
+        return self.budget.reserve(status.size, self._fills(status), extra)
 
     def capacity(self) -> Capacity:
         status = self._status()
-        with self._mutex:
-            provisioned = sum(v.size for v in self._volumes.values())
-            nvol, nsnap = len(self._volumes), len(self._snapshots)
-            refusing = self._limit_check(status, 0) is not None
-            reserved = self._reserved
-        headroom = int(status.size * self.overprovision_ratio) - provisioned - reserved
-        available = 0 if refusing else max(0, headroom) // self.granularity * self.granularity
+        b = self.budget.state(status.size, self._fills(status), self.granularity)
+        provisioned = b.provisioned
         return Capacity(
-            size=status.physical, used=status.used, provisioned=provisioned, available=available,
-            volumes=nvol, snapshots=nsnap,
+            size=status.physical, used=status.used, provisioned=provisioned,
+            available=b.available, volumes=b.volumes, snapshots=b.snapshots,
             extra={
                 "flotilla_thinpool_data_percent": status.data_percent,
                 "flotilla_thinpool_metadata_percent": status.metadata_percent,
@@ -493,16 +458,13 @@ class LvmThinPool(Pool):
     # ---- volumes --------------------------------------------------------------------
 
     def get_volume(self, volume_id: str) -> Volume | None:
-        with self._mutex:
-            return self._volumes.get(volume_id)
+        return self.index.volume(volume_id)
 
     def find_volume(self, name: str) -> Volume | None:
-        with self._mutex:
-            return next((v for v in self._volumes.values() if v.name == name), None)
+        return self.index.volume_named(name)
 
     def list_volumes(self) -> list[Volume]:
-        with self._mutex:
-            return list(self._volumes.values())
+        return self.index.volumes()
 
     def create_volume(self, req: VolumeRequest) -> Volume:
         existing = self.find_volume(req.name)
@@ -510,12 +472,9 @@ class LvmThinPool(Pool):
             check_compatible(existing, req)
             self._finish_growth(existing)
             return existing
-        source_lv, source_size = self._source_lv(req)
-        if req.size < source_size:
-            raise OutOfRange(
-                f"requested {req.size} bytes is smaller than the source's {source_size} "
-                "bytes; a volume can only be restored or cloned at the same size or larger"
-            )
+        source = self.source_of(req)
+        source_lv = None if source is None else self._lv(source.id)
+        source_size = 0 if source is None else source.size
         volume = Volume(id=new_id(self.name, "vol"), name=req.name, pool=self.name,
                         size=req.size, fs_type=req.fs_type, source=req.source,
                         parameters=dict(req.parameters))
@@ -535,26 +494,10 @@ class LvmThinPool(Pool):
                     crashpoint("lvmthin.create.snapshotted")
                     self._grow(lv, req.size)
                     self._short.discard(volume.id)
-            with self._mutex:
-                self._volumes[volume.id] = volume
+            self.index.put(volume)
         log.info("pool %s: created volume %s (%s) %d bytes%s", self.name, volume.id,
                  volume.name, volume.size, f" from {req.source}" if req.source else "")
         return volume
-
-    def _source_lv(self, req: VolumeRequest) -> tuple[str | None, int]:
-        if req.source is None:
-            return None, 0
-        if req.source.kind == "snapshot":
-            snap = self.get_snapshot(req.source.id)
-            if snap is None:
-                raise NotFound(f"source snapshot {req.source.id} does not exist in pool "
-                               f"{self.name!r}")
-            return self._lv(snap.id), snap.size
-        vol = self.get_volume(req.source.id)
-        if vol is None:
-            raise NotFound(f"source volume {req.source.id} does not exist in pool "
-                           f"{self.name!r}")
-        return self._lv(vol.id), vol.size
 
     def _grow(self, lv: str, size: int) -> None:
         """``lvextend`` to at least ``size``; an LV already that large is fine."""
@@ -577,8 +520,7 @@ class LvmThinPool(Pool):
         if vol is None:
             return
         self._remove_lv(self._lv(volume_id))
-        with self._mutex:
-            self._volumes.pop(volume_id, None)
+        self.index.drop(volume_id)
         log.info("pool %s: deleted volume %s", self.name, volume_id)
 
     def _remove_lv(self, lv: str) -> None:
@@ -607,8 +549,7 @@ class LvmThinPool(Pool):
             # finished by start() or the next attach
             self._lvm("lvchange", "--deltag", f"{TAG_PREFIX}size={vol.size}",
                       "--addtag", f"{TAG_PREFIX}size={size}", self._path(lv))
-            with self._mutex:
-                self._volumes[volume_id] = grown
+            self.index.put(grown)
             self._short.add(volume_id)
             crashpoint("lvmthin.expand.tagged")
             self._grow(lv, size)
@@ -639,16 +580,13 @@ class LvmThinPool(Pool):
     # ---- snapshots ------------------------------------------------------------------
 
     def get_snapshot(self, snapshot_id: str) -> Snapshot | None:
-        with self._mutex:
-            return self._snapshots.get(snapshot_id)
+        return self.index.snapshot(snapshot_id)
 
     def find_snapshot(self, name: str) -> Snapshot | None:
-        with self._mutex:
-            return next((s for s in self._snapshots.values() if s.name == name), None)
+        return self.index.snapshot_named(name)
 
     def list_snapshots(self) -> list[Snapshot]:
-        with self._mutex:
-            return list(self._snapshots.values())
+        return self.index.snapshots()
 
     def create_snapshot(
         self, name: str, source_volume_id: str, parameters: dict[str, str]
@@ -658,10 +596,7 @@ class LvmThinPool(Pool):
             return found
         vol = found
         status = self._status()
-        with self._mutex:
-            reason = self._limit_check(status, 0)
-        if reason:
-            raise ResourceExhausted(reason)
+        self.budget.refuse(status.size, self._fills(status))
         snap = Snapshot(id=new_id(self.name, "snap"), name=name, pool=self.name,
                         source_volume_id=vol.id, size=vol.size, parameters=dict(parameters))
         # a thin snapshot: LVM suspends an active origin with its filesystem frozen
@@ -669,8 +604,7 @@ class LvmThinPool(Pool):
         self._lvm("lvcreate", "--snapshot", "--setactivationskip", "y", "--activate", "n",
                   "--name", self._lv(snap.id), *self._tags(snap),
                   self._path(self._lv(vol.id)))
-        with self._mutex:
-            self._snapshots[snap.id] = snap
+        self.index.put(snap)
         log.info("pool %s: snapshot %s (%s) of %s", self.name, snap.id, name, vol.id)
         return snap
 
@@ -679,8 +613,7 @@ class LvmThinPool(Pool):
         if lv is None or self.get_snapshot(snapshot_id) is None:
             return
         self._remove_lv(lv)
-        with self._mutex:
-            self._snapshots.pop(snapshot_id, None)
+        self.index.drop(snapshot_id)
         log.info("pool %s: deleted snapshot %s", self.name, snapshot_id)
 
     @contextlib.contextmanager

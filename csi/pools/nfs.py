@@ -35,8 +35,6 @@ volume directory gets an XFS project quota of its size, raised on expansion.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import logging
 import os
 import re
@@ -50,8 +48,6 @@ from csi.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    OutOfRange,
-    ResourceExhausted,
     Unavailable,
 )
 from csi.faults import crashpoint
@@ -65,18 +61,14 @@ from csi.pools.base import (
     Volume,
     VolumeRequest,
     check_compatible,
-    limit_refusal,
     new_id,
 )
+from csi.pools.index import Fill, ThinBudget, physical_fill
 from csi.pools.store import ObjectStore, remove_path
-from csi.system import FICLONE, TIMEOUT_MOUNT, System
+from csi.system import TIMEOUT_MOUNT, System
 
 log = logging.getLogger(__name__)
 
-#: errors that mean "this filesystem (or server) cannot clone": fall back to copying
-NO_CLONE = frozenset({errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL,
-                      errno.ENOSYS, errno.ENOTSUP})
-COPY_CHUNK = 8 << 20
 #: scratch directories one host may hold per pool instance before start-up gives up
 MAX_SCRATCH_OWNERS = 64
 _OWNER_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -137,6 +129,8 @@ class NfsPool(Pool):
         opts.finish()
         self.granularity = 1 << 20
         self.store = ObjectStore(name, system, self._store_dirs(), "", "nfs")
+        self.index = self.store.index
+        self.budget = ThinBudget(self.index, f"pool {name!r}", self.overprovision_ratio)
         self.counts = {"clone": 0, "copy": 0}
         self._counts_lock = threading.Lock()
         self._mounted_here = False
@@ -201,11 +195,8 @@ class NfsPool(Pool):
         base = scratch_owner(self.instance or os.uname().nodename)
         for n in range(1, MAX_SCRATCH_OWNERS + 1):
             owner = base if n == 1 else f"{base}.{n}"
-            fd = os.open(os.path.join(root, owner + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
+            fd = self.system.try_lock(os.path.join(root, owner + ".lock"))
+            if fd is None:
                 continue
             self._scratch_fd = fd
             self.store.dirs["tmp"] = os.path.join(root, owner)
@@ -241,7 +232,7 @@ class NfsPool(Pool):
 
     def stop(self) -> None:
         if self._scratch_fd is not None:
-            os.close(self._scratch_fd)  # releases .tmp/<owner> for the next process
+            self.system.unlock(self._scratch_fd)  # releases .tmp/<owner> for the next one
             self._scratch_fd = None
         if self._mounted_here:
             self.system.umount_network(self.mount_dir)
@@ -262,35 +253,27 @@ class NfsPool(Pool):
 
     # ---- capacity -------------------------------------------------------------------
 
-    def _usage(self) -> tuple[int, int]:
+    def _usage(self) -> tuple[int, int, list[Fill]]:
+        """Physical size and use of the export, and its fill level."""
         st = self.system.statfs(self.mount_dir)  # a child with a timeout: never hangs
         if st is None:
             raise Unavailable(f"pool {self.name!r}: {self.export} does not answer (stale "
                               "handle or server down); retry when it is back")
-        return st.f_blocks * st.f_frsize, (st.f_blocks - st.f_bfree) * st.f_frsize
+        size, used = st.f_blocks * st.f_frsize, (st.f_blocks - st.f_bfree) * st.f_frsize
+        return size, used, [physical_fill(size, used, self.max_used_percent)]
 
     def capacity(self) -> Capacity:
-        size, used = self._usage()
-        with self.store.mutex:
-            provisioned = self.store.provisioned()
-            nvol, nsnap = len(self.store.volumes), len(self.store.snapshots)
-        refusing = limit_refusal(self.name, size, used, provisioned, 0,
-                                 self.overprovision_ratio, self.max_used_percent)
-        available = 0 if refusing else max(0, int(size * self.overprovision_ratio)
-                                           - provisioned)
+        size, used, fills = self._usage()
+        b = self.budget.state(size, fills)
         with self._counts_lock:
             extra = {"flotilla_nfs_cloned_files": float(self.counts["clone"]),
                      "flotilla_nfs_copied_files": float(self.counts["copy"])}
-        return Capacity(size=size, used=used, provisioned=provisioned, available=available,
-                        volumes=nvol, snapshots=nsnap, extra=extra)
+        return Capacity(size=size, used=used, provisioned=b.provisioned, available=b.available,
+                        volumes=b.volumes, snapshots=b.snapshots, extra=extra)
 
-    def _refuse_if_over(self, extra: int) -> None:
-        size, used = self._usage()
-        with self.store.mutex:
-            reason = limit_refusal(self.name, size, used, self.store.provisioned(), extra,
-                                   self.overprovision_ratio, self.max_used_percent)
-        if reason:
-            raise ResourceExhausted(reason)
+    def _reserve(self, extra: int) -> contextlib.AbstractContextManager[None]:
+        size, _, fills = self._usage()
+        return self.budget.reserve(size, fills, extra)
 
     # ---- quotas ---------------------------------------------------------------------
 
@@ -326,32 +309,6 @@ class NfsPool(Pool):
 
     # ---- copying trees --------------------------------------------------------------
 
-    def _copy_file(self, src: str, dst: str) -> str:
-        """Clone ``src`` to ``dst`` (server-side CLONE over NFSv4.2), else copy it."""
-        fd_src = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
-        try:
-            fd_dst = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                if self.clone_mode == "auto":
-                    try:
-                        fcntl.ioctl(fd_dst, FICLONE, fd_src)
-                        return "clone"
-                    except OSError as err:
-                        if err.errno not in NO_CLONE:
-                            raise
-                size = os.fstat(fd_src).st_size
-                while True:
-                    chunk = os.read(fd_src, COPY_CHUNK)
-                    if not chunk:
-                        break
-                    os.write(fd_dst, chunk)
-                os.ftruncate(fd_dst, size)
-                return "copy"
-            finally:
-                os.close(fd_dst)
-        finally:
-            os.close(fd_src)
-
     def copy_tree(self, src: str, dst: str) -> dict[str, int]:
         """Copy a directory tree like ``cp -a`` (modes, owners, times, symlinks,
         special files); regular files are cloned where the server can."""
@@ -372,7 +329,7 @@ class NfsPool(Pool):
                     if stat.S_ISLNK(est.st_mode):
                         os.symlink(os.readlink(sp), dp)
                     elif stat.S_ISREG(est.st_mode):
-                        counts[self._copy_file(sp, dp)] += 1
+                        counts[self.system.clone_or_copy(sp, dp, self.clone_mode == "auto")] += 1
                     elif stat.S_ISFIFO(est.st_mode):
                         os.mkfifo(dp, 0o600)
                     elif stat.S_ISCHR(est.st_mode) or stat.S_ISBLK(est.st_mode):
@@ -394,14 +351,14 @@ class NfsPool(Pool):
     def get_volume(self, volume_id: str) -> Volume | None:
         """From the index, else from the export: in distributed mode the controller
         creates volumes that a node's pool has not loaded yet."""
-        vol = self.store.volume(volume_id) or self._reread("volumes", volume_id)
+        vol = self.index.volume(volume_id) or self._reread("volumes", volume_id)
         return vol if isinstance(vol, Volume) else None
 
     def find_volume(self, name: str) -> Volume | None:
-        return self.store.volume_named(name)
+        return self.index.volume_named(name)
 
     def list_volumes(self) -> list[Volume]:
-        return self.store.all_volumes()
+        return self.index.volumes()
 
     def volume_dir(self, volume_id: str) -> str:
         return self.store.path("volumes", volume_id)
@@ -415,8 +372,9 @@ class NfsPool(Pool):
             check_compatible(existing, req)
             self._set_quota(existing)  # a crash may have come between commit and quota
             return existing
-        source_dir = self._source_dir(req)
-        self._refuse_if_over(req.size)
+        source = self.source_of(req)
+        source_dir = None if source is None else self.store.path(
+            "volumes" if isinstance(source, Volume) else "snapshots", source.id)
         volume = Volume(id=new_id(self.name, "vol"), name=req.name, pool=self.name,
                         size=req.size, fs_type="", source=req.source,
                         parameters=dict(req.parameters))
@@ -431,29 +389,12 @@ class NfsPool(Pool):
                          self.name, req.name, req.source, counts["clone"], counts["copy"])
             os.chmod(tmp, self.dir_mode)
 
-        self.store.build(volume, make)
+        with self._reserve(req.size):
+            self.store.build(volume, make)
         self._set_quota(volume)
         log.info("pool %s: created volume %s (%s) %d bytes", self.name, volume.id,
                  volume.name, volume.size)
         return volume
-
-    def _source_dir(self, req: VolumeRequest) -> str | None:
-        if req.source is None:
-            return None
-        if req.source.kind == "snapshot":
-            snap = self.get_snapshot(req.source.id)
-            if snap is None:
-                raise NotFound(f"source snapshot {req.source.id} does not exist")
-            size, path = snap.size, self.store.path("snapshots", snap.id)
-        else:
-            vol = self.get_volume(req.source.id)
-            if vol is None:
-                raise NotFound(f"source volume {req.source.id} does not exist")
-            size, path = vol.size, self.volume_dir(vol.id)
-        if req.size < size:
-            raise OutOfRange(f"requested {req.size} bytes is smaller than the source's "
-                             f"{size} bytes")
-        return path
 
     def delete_volume(self, volume_id: str) -> None:
         if self.store.uid(volume_id, "vol") is None:
@@ -480,8 +421,8 @@ class NfsPool(Pool):
         if size <= vol.size:
             return vol
         self._require_alive()
-        self._refuse_if_over(size - vol.size)
-        grown = self.store.update(vol, size=size)
+        with self._reserve(size - vol.size):
+            grown = self.store.update(vol, size=size)
         self._set_quota(grown)
         return grown
 
@@ -498,7 +439,7 @@ class NfsPool(Pool):
     # ---- snapshots ------------------------------------------------------------------
 
     def get_snapshot(self, snapshot_id: str) -> Snapshot | None:
-        snap = self.store.snapshot(snapshot_id) or self._reread("snapshots", snapshot_id)
+        snap = self.index.snapshot(snapshot_id) or self._reread("snapshots", snapshot_id)
         return snap if isinstance(snap, Snapshot) else None
 
     def _reread(self, kind: str, object_id: str) -> Volume | Snapshot | None:
@@ -509,10 +450,10 @@ class NfsPool(Pool):
         return self.store.reload(kind, object_id)
 
     def find_snapshot(self, name: str) -> Snapshot | None:
-        return self.store.snapshot_named(name)
+        return self.index.snapshot_named(name)
 
     def list_snapshots(self) -> list[Snapshot]:
-        return self.store.all_snapshots()
+        return self.index.snapshots()
 
     def create_snapshot(self, name: str, source_volume_id: str,
                         parameters: dict[str, str]) -> Snapshot:
@@ -521,7 +462,8 @@ class NfsPool(Pool):
         if isinstance(found, Snapshot):
             return found
         vol = found
-        self._refuse_if_over(0)
+        size, _, fills = self._usage()
+        self.budget.refuse(size, fills)
         snap = Snapshot(id=new_id(self.name, "snap"), name=name, pool=self.name,
                         source_volume_id=vol.id, size=vol.size, parameters=dict(parameters))
         started = time.monotonic()

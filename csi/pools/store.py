@@ -15,13 +15,13 @@ import json
 import logging
 import os
 import shutil
-import threading
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from typing import Any
 
 from csi.faults import crashpoint
 from csi.pools.base import Snapshot, Source, Volume, parse_id
+from csi.pools.index import ObjectIndex
 from csi.system import System
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,8 @@ def remove_path(path: str) -> None:
 
 class ObjectStore:
     """Volumes and snapshots of one pool under ``dirs`` (``volumes``, ``snapshots``,
-    ``tmp``), with payloads named ``<uid><suffix>`` and metadata ``<uid>.json``."""
+    ``tmp``), with payloads named ``<uid><suffix>`` and metadata ``<uid>.json``; what is
+    committed is in :attr:`index`."""
 
     def __init__(self, pool: str, system: System, dirs: dict[str, str], suffix: str,
                  crash_prefix: str) -> None:
@@ -75,9 +76,7 @@ class ObjectStore:
         self.dirs = dirs
         self.suffix = suffix
         self.crash_prefix = crash_prefix
-        self.mutex = threading.Lock()
-        self.volumes: dict[str, Volume] = {}
-        self.snapshots: dict[str, Snapshot] = {}
+        self.index = ObjectIndex()
 
     # ---- paths ----------------------------------------------------------------------
 
@@ -107,8 +106,8 @@ class ObjectStore:
         for entry in os.scandir(self.dirs["tmp"]):
             log.info("pool %s: removing leftover %s", self.pool, entry.path)
             remove_path(entry.path)
-        volumes: dict[str, Volume] = {}
-        snapshots: dict[str, Snapshot] = {}
+        volumes: list[Volume] = []
+        snapshots: list[Snapshot] = []
         for kind in KINDS:
             d = self.dirs[kind]
             names = set(os.listdir(d))
@@ -123,20 +122,16 @@ class ObjectStore:
                     if meta is None:
                         continue
                     if kind == "volumes":
-                        vol = volume_from(meta)
-                        volumes[vol.id] = vol
+                        volumes.append(volume_from(meta))
                     else:
-                        snap = snapshot_from(meta)
-                        snapshots[snap.id] = snap
+                        snapshots.append(snapshot_from(meta))
                     continue
                 stem = fname.removesuffix(self.suffix) if self.suffix else fname
                 if (fname.endswith(self.suffix) or not self.suffix) and \
                         f"{stem}.json" not in names and len(stem) == 32:
                     log.info("pool %s: removing payload without metadata %s", self.pool, full)
                     remove_path(full)
-        with self.mutex:
-            self.volumes = volumes
-            self.snapshots = snapshots
+        self.index.replace_all(volumes, snapshots)
         log.info("pool %s: %d volumes, %d snapshots", self.pool, len(volumes), len(snapshots))
 
     def _read_meta(self, path: str, quiet: bool = False) -> dict[str, Any] | None:
@@ -168,40 +163,8 @@ class ObjectStore:
         if meta is None:
             return None
         obj: Volume | Snapshot = volume_from(meta) if kind == "volumes" else snapshot_from(meta)
-        with self.mutex:
-            if isinstance(obj, Volume):
-                self.volumes[obj.id] = obj
-            else:
-                self.snapshots[obj.id] = obj
+        self.index.put(obj)
         return obj
-
-    def volume(self, volume_id: str) -> Volume | None:
-        with self.mutex:
-            return self.volumes.get(volume_id)
-
-    def volume_named(self, name: str) -> Volume | None:
-        with self.mutex:
-            return next((v for v in self.volumes.values() if v.name == name), None)
-
-    def snapshot(self, snapshot_id: str) -> Snapshot | None:
-        with self.mutex:
-            return self.snapshots.get(snapshot_id)
-
-    def snapshot_named(self, name: str) -> Snapshot | None:
-        with self.mutex:
-            return next((s for s in self.snapshots.values() if s.name == name), None)
-
-    def all_volumes(self) -> list[Volume]:
-        with self.mutex:
-            return list(self.volumes.values())
-
-    def all_snapshots(self) -> list[Snapshot]:
-        with self.mutex:
-            return list(self.snapshots.values())
-
-    def provisioned(self) -> int:
-        """Sum of volume sizes (call with :attr:`mutex` held)."""
-        return sum(v.size for v in self.volumes.values())
 
     # ---- changes --------------------------------------------------------------------
 
@@ -216,11 +179,7 @@ class ObjectStore:
             remove_path(tmp)
             remove_path(tmp + ".json")
             raise
-        with self.mutex:
-            if isinstance(obj, Volume):
-                self.volumes[obj.id] = obj
-            else:
-                self.snapshots[obj.id] = obj
+        self.index.put(obj)
 
     def _commit(self, kind: str, obj: Volume | Snapshot, tmp: str) -> None:
         tmp_meta = tmp + ".json"
@@ -237,8 +196,7 @@ class ObjectStore:
         new = replace(vol, **changes)
         self.system.write_atomic(self.path("volumes", vol.id, meta=True),
                                  json.dumps(meta_of(new), sort_keys=True).encode())
-        with self.mutex:
-            self.volumes[vol.id] = new
+        self.index.put(new)
         return new
 
     def remove(self, kind: str, object_id: str,
@@ -250,9 +208,7 @@ class ObjectStore:
             os.unlink(self.path(kind, object_id, meta=True))
         self.system.fsync_dir(self.dirs[kind])
         crashpoint(f"{self.crash_prefix}.{kind}.removed.json")
-        with self.mutex:
-            self.volumes.pop(object_id, None)
-            self.snapshots.pop(object_id, None)
+        self.index.drop(object_id)
         payload = self.path(kind, object_id)
         if os.path.lexists(payload):
             dispose(payload)
