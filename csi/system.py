@@ -71,7 +71,7 @@ LVM_CONFIG = (
     "devices{obtain_device_list_from_udev=0 use_devicesfile=0} "
     "log{command_names=0 prefix=\"\"}"
 )
-#: the ``lvs`` fields :mod:`csi.pools.lvmthin` reads
+#: the ``lvs`` fields :mod:`csi.pools.lvm` reads
 LVM_LV_FIELDS = (
     "lv_name", "lv_attr", "lv_size", "lv_tags", "pool_lv", "origin", "lv_active",
     "lv_device_open", "lv_suspended", "lv_health_status", "data_percent",
@@ -624,6 +624,21 @@ class System:
             return None
         finally:
             os.close(fd)
+
+    def dm_device(self, dm_name: str) -> str | None:
+        """The block device of the active device-mapper device ``dm_name`` (found in
+        sysfs): the kernel's ``/dev/dm-N``, which mountinfo shows for binds of it, else
+        ``/dev/mapper/<name>``; None when no such device is active."""
+        try:
+            entries = sorted(os.listdir(os.path.join(self.sys_root, "block")))
+        except FileNotFoundError:
+            return None
+        for entry in entries:
+            if entry.startswith("dm-") and self._sys_read("block", entry, "dm",
+                                                          "name") == dm_name:
+                node = f"/dev/{entry}"
+                return node if os.path.exists(node) else f"/dev/mapper/{dm_name}"
+        return None
 
     def loop_devices_for(self, image: str, include_detaching: bool = True) -> list[str]:
         """Loop devices whose backing file is ``image`` (one sysfs read per device).

@@ -25,9 +25,10 @@ is written first, then ``lvextend``; :meth:`LvmThinPool.start` (and attach) fini
 ``lvextend`` a crash left undone. Thin snapshots are independent of their origin, so a
 volume can be deleted while its snapshots live, and the other way round.
 
-Every ``lvm`` command runs through :meth:`csi.system.System.lvm` with a timeout and with
-udev synchronisation off, which works inside a node container (no udev) and inside the
-test VM alike.
+The LVM commands and reports are :class:`csi.pools.lvm.ThinPoolLvm`'s; every ``lvm``
+command runs through :meth:`csi.system.System.lvm` with a timeout and with udev
+synchronisation off, which works inside a node container (no udev) and inside the test VM
+alike.
 """
 
 from __future__ import annotations
@@ -39,18 +40,15 @@ import json
 import logging
 import os
 import re
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from csi.errors import (
     CommandFailed,
     FailedPrecondition,
     FlotillaError,
-    Internal,
     InvalidArgument,
     NotFound,
-    ResourceExhausted,
     Unavailable,
 )
 from csi.faults import crashpoint
@@ -68,18 +66,13 @@ from csi.pools.base import (
     parse_id,
 )
 from csi.pools.index import Fill, ObjectIndex, ThinBudget
-from csi.system import LVM_LV_FIELDS, System
+from csi.pools.lvm import LV, TAG_PREFIX, PoolStatus, ThinPoolLvm, tag_args
+from csi.system import System
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = "1"
 LVM_NAME_RE = re.compile(r"^[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}$")
-TAG_PREFIX = "fl."
-#: how long a report of the VG's LVs stays fresh for read-only questions (conditions)
-REPORT_TTL = 1.0
-#: how old the thin pool's Data%/Meta% may be for limit checks and capacity: they move
-#: with writes inside volumes, which the pool never sees, so a few seconds is as good
-STATUS_TTL = 5.0
 #: where the pool's own lock file goes by default: LVM's locking_dir, which a node
 #: container mounts from the host (docs/lvmthin.md, "Deployment")
 LOCK_DIR = "/run/lock/lvm"
@@ -91,73 +84,6 @@ def _b64(text: str) -> str:
 
 def _unb64(text: str) -> str:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
-
-
-@dataclass(frozen=True)
-class LV:
-    """One row of ``lvs`` for this VG."""
-
-    name: str
-    attr: str
-    size: int
-    tags: dict[str, str]
-    pool_lv: str
-    origin: str
-    active: bool
-    open: bool
-    suspended: bool
-    health: str
-    data_percent: float | None
-    metadata_percent: float | None
-    metadata_size: int
-    kernel_major: int
-    kernel_minor: int
-
-    @classmethod
-    def from_report(cls, row: dict[str, str]) -> LV:
-        tags = {}
-        for tag in filter(None, row.get("lv_tags", "").split(",")):
-            key, sep, value = tag.partition("=")
-            if sep and key.startswith(TAG_PREFIX):
-                tags[key[len(TAG_PREFIX):]] = value
-
-        def pct(key: str) -> float | None:
-            value = row.get(key, "")
-            return float(value) if value else None
-
-        def num(key: str) -> int:
-            value = row.get(key, "")
-            return int(value) if value.lstrip("-").isdigit() else -1
-
-        return cls(
-            name=row["lv_name"], attr=row.get("lv_attr", ""), size=max(0, num("lv_size")),
-            tags=tags, pool_lv=row.get("pool_lv", ""), origin=row.get("origin", ""),
-            active=row.get("lv_active", "") == "active",
-            open=row.get("lv_device_open", "") == "open",
-            suspended=row.get("lv_suspended", "") == "suspended",
-            health=row.get("lv_health_status", ""),
-            data_percent=pct("data_percent"), metadata_percent=pct("metadata_percent"),
-            metadata_size=max(0, num("lv_metadata_size")),
-            kernel_major=num("lv_kernel_major"), kernel_minor=num("lv_kernel_minor"),
-        )
-
-
-@dataclass(frozen=True)
-class PoolStatus:
-    size: int  # data space
-    metadata_size: int
-    data_percent: float
-    metadata_percent: float
-    health: str
-
-    @property
-    def physical(self) -> int:
-        return self.size + self.metadata_size
-
-    @property
-    def used(self) -> int:
-        return int(self.size * self.data_percent / 100.0
-                   + self.metadata_size * self.metadata_percent / 100.0)
 
 
 class LvmThinPool(Pool):
@@ -190,8 +116,7 @@ class LvmThinPool(Pool):
         self.budget = ThinBudget(self.index, f"pool {name!r} (thin pool {self.vg}/"
                                  f"{self.thin_pool})", self.overprovision_ratio)
         self._lock_fd: int | None = None
-        self._report_cache: tuple[float, list[LV]] | None = None
-        self._status_cache: tuple[float, PoolStatus] | None = None
+        self.lvm = ThinPoolLvm(system, name, self.vg, self.thin_pool)
         #: volumes whose LV may be smaller than their size tag (an interrupted growth)
         self._short: set[str] = set()
 
@@ -210,98 +135,18 @@ class LvmThinPool(Pool):
             raise NotFound(f"{object_id} is not an object of pool {self.name!r}")
         return name
 
-    def _path(self, lv: str) -> str:
-        return f"{self.vg}/{lv}"
-
-    def _dm_name(self, lv: str) -> str:
-        return self.vg.replace("-", "--") + "-" + lv.replace("-", "--")
-
-    # ---- lvm ------------------------------------------------------------------------
-
-    def _report(self, fresh: bool = True) -> list[LV]:
-        """All LVs of the VG; a cached copy up to REPORT_TTL old when ``fresh`` is False."""
-        now = time.monotonic()
-        cached = self._report_cache
-        if not fresh and cached is not None and now - cached[0] < REPORT_TTL:
-            return cached[1]
-        try:
-            rows = self.system.lvm_report("lvs", LVM_LV_FIELDS, [self.vg])
-        except CommandFailed as err:
-            raise Unavailable(f"pool {self.name!r}: cannot list the LVs of volume group "
-                              f"{self.vg!r}: {err}") from None
-        lvs = [LV.from_report(r) for r in rows]
-        self._report_cache = (time.monotonic(), lvs)
-        pool = next((x for x in lvs if x.name == self.thin_pool), None)
-        if (pool is not None and pool.attr.startswith("t") and pool.data_percent is not None
-                and pool.metadata_percent is not None):
-            self._status_cache = (time.monotonic(), PoolStatus(
-                size=pool.size, metadata_size=pool.metadata_size,
-                data_percent=pool.data_percent, metadata_percent=pool.metadata_percent,
-                health=pool.health))
-        else:
-            self._status_cache = None
-        return lvs
-
-    def _invalidate(self) -> None:
-        self._report_cache = None
-
-    def _find_lv(self, lv: str, fresh: bool = True) -> LV | None:
-        return next((x for x in self._report(fresh) if x.name == lv), None)
-
-    def _lvm(self, command: str, *args: str) -> None:
-        self._invalidate()
-        try:
-            self.system.lvm(command, *args)
-        except CommandFailed as err:
-            text = err.stderr
-            if ("free space in thin pool" in text or "Insufficient free space" in text
-                    or "out of data space" in text):
-                raise ResourceExhausted(
-                    f"pool {self.name!r}: thin pool {self.vg}/{self.thin_pool} has no room: "
-                    f"{text[-300:]}") from None
-            raise
-        finally:
-            self._invalidate()
-
-    def _status(self) -> PoolStatus:
-        """The thin pool's size and fill levels, at most STATUS_TTL seconds old."""
-        cached = self._status_cache
-        if cached is not None and time.monotonic() - cached[0] < STATUS_TTL:
-            return cached[1]
-        pool = self._find_lv(self.thin_pool)
-        if pool is None or not pool.attr.startswith("t"):
-            raise Unavailable(f"pool {self.name!r}: thin pool {self.vg}/{self.thin_pool} is "
-                              "missing; create it as docs/lvmthin.md describes")
-        if pool.data_percent is None or pool.metadata_percent is None:
-            raise Unavailable(f"pool {self.name!r}: thin pool {self.vg}/{self.thin_pool} is "
-                              "not active; activate it with lvchange -ay "
-                              f"{self.vg}/{self.thin_pool}")
-        assert self._status_cache is not None
-        return self._status_cache[1]
-
     # ---- lifecycle ------------------------------------------------------------------
 
     def start(self) -> None:
-        try:
-            vgs = self.system.lvm_report("vgs", ["vg_name", "vg_extent_size"], [self.vg])
-        except FileNotFoundError:
-            raise Unavailable(f"pool {self.name!r}: the lvm command is not installed "
-                              "(Debian/Ubuntu package lvm2, plus thin-provisioning-tools)"
-                              ) from None
-        except CommandFailed as err:
-            raise Unavailable(f"pool {self.name!r}: volume group {self.vg!r} is not usable "
-                              f"({err}); create it as docs/lvmthin.md describes") from None
-        if not vgs:
-            raise Unavailable(f"pool {self.name!r}: volume group {self.vg!r} not found")
-        self.granularity = int(vgs[0]["vg_extent_size"])
-        pool = self._find_lv(self.thin_pool)
+        self.granularity = self.lvm.extent_size()
+        pool = self.lvm.find(self.thin_pool)
         if pool is None or not pool.attr.startswith("t"):
             raise Unavailable(
                 f"pool {self.name!r}: {self.vg}/{self.thin_pool} is not a thin pool; create "
                 f"it with: lvcreate --type thin-pool -L <size> -n {self.thin_pool} {self.vg}"
             )
         if not pool.active:
-            self._lvm("lvchange", "--activate", "y", self._path(self.thin_pool))
+            self.lvm.run("lvchange", "--activate", "y", self.lvm.path(self.thin_pool))
         self._take_lock()
         try:
             self._reconcile()
@@ -335,7 +180,7 @@ class LvmThinPool(Pool):
         """Rebuild the index from LV tags; finish size changes a crash interrupted."""
         volumes: dict[str, Volume] = {}
         snapshots: list[Snapshot] = []
-        for lv in self._report(fresh=False):
+        for lv in self.lvm.report(fresh=False):
             m = self._lv_re.match(lv.name)
             if m is None:
                 continue
@@ -346,7 +191,7 @@ class LvmThinPool(Pool):
             if lv.suspended:
                 log.warning("pool %s: resuming %s, left suspended by an interrupted "
                             "command", self.name, lv.name)
-                self.system.run(["dmsetup", "resume", self._dm_name(lv.name)])
+                self.lvm.resume(lv.name)
             kind, uid = m.groups()
             object_id = f"{self.name}:{kind}-{uid}"
             try:
@@ -376,7 +221,7 @@ class LvmThinPool(Pool):
     def check(self) -> None:
         if self._lock_fd is None:
             raise Unavailable(f"pool {self.name!r} is not started")
-        status = self._status()
+        status = self.lvm.status()
         if status.health in ("failed", "out_of_data", "metadata_read_only"):
             raise Unavailable(f"pool {self.name!r}: thin pool {self.vg}/{self.thin_pool} "
                               f"is {status.health}; see docs/lvmthin.md (recovery)")
@@ -396,10 +241,7 @@ class LvmThinPool(Pool):
                     obj.source.id
         else:
             tags["srcvol"] = obj.source_volume_id
-        args = []
-        for key, value in tags.items():
-            args += ["--addtag", f"{TAG_PREFIX}{key}={value}"]
-        return args
+        return tag_args(tags)
 
     def _volume_from(self, object_id: str, lv: LV) -> Volume:
         t = lv.tags
@@ -434,11 +276,11 @@ class LvmThinPool(Pool):
 
     def _reserve(self, extra: int) -> contextlib.AbstractContextManager[None]:
         # the thin pool's virtual data size is what overprovision_ratio multiplies
-        status = self._status()
+        status = self.lvm.status()
         return self.budget.reserve(status.size, self._fills(status), extra)
 
     def capacity(self) -> Capacity:
-        status = self._status()
+        status = self.lvm.status()
         b = self.budget.state(status.size, self._fills(status), self.granularity)
         provisioned = b.provisioned
         return Capacity(
@@ -481,59 +323,38 @@ class LvmThinPool(Pool):
         lv = self._lv(volume.id)
         with self._reserve(req.size):
             if source_lv is None:
-                self._lvm("lvcreate", "--type", "thin", "--virtualsize", f"{req.size}b",
+                self.lvm.run("lvcreate", "--type", "thin", "--virtualsize", f"{req.size}b",
                           "--thinpool", self.thin_pool, "--name", lv, "--activate", "n",
                           *self._tags(volume), self.vg)
             else:
                 # a writable thin snapshot of the source; the size tag says what it will be
-                self._lvm("lvcreate", "--snapshot", "--setactivationskip", "n",
+                self.lvm.run("lvcreate", "--snapshot", "--setactivationskip", "n",
                           "--activate", "n", "--name", lv, *self._tags(volume),
-                          self._path(source_lv))
+                          self.lvm.path(source_lv))
                 if req.size > source_size:
                     self._short.add(volume.id)
                     crashpoint("lvmthin.create.snapshotted")
-                    self._grow(lv, req.size)
+                    self.lvm.grow(lv, req.size)
                     self._short.discard(volume.id)
             self.index.put(volume)
         log.info("pool %s: created volume %s (%s) %d bytes%s", self.name, volume.id,
                  volume.name, volume.size, f" from {req.source}" if req.source else "")
         return volume
 
-    def _grow(self, lv: str, size: int) -> None:
-        """``lvextend`` to at least ``size``; an LV already that large is fine."""
-        try:
-            self._lvm("lvextend", "--size", f"{size}b", self._path(lv))
-        except CommandFailed as err:
-            if "matches existing size" in err.stderr or "not larger than" in err.stderr:
-                return
-            raise
-
     def _finish_growth(self, vol: Volume) -> None:
         """Grow the LV to its size tag when a growth was interrupted (a crash, a failed
         ``lvextend``): the size tag is the intent, written first."""
         if vol.id in self._short:
-            self._grow(self._lv(vol.id), vol.size)
+            self.lvm.grow(self._lv(vol.id), vol.size)
             self._short.discard(vol.id)
 
     def delete_volume(self, volume_id: str) -> None:
         vol = self.get_volume(volume_id)
         if vol is None:
             return
-        self._remove_lv(self._lv(volume_id))
+        self.lvm.remove(self._lv(volume_id))
         self.index.drop(volume_id)
         log.info("pool %s: deleted volume %s", self.name, volume_id)
-
-    def _remove_lv(self, lv: str) -> None:
-        try:
-            self._lvm("lvremove", "--force", self._path(lv))
-        except CommandFailed as err:
-            if "Failed to find logical volume" in err.stderr:
-                return
-            if "in use" in err.stderr or "open logical volume" in err.stderr:
-                raise FailedPrecondition(
-                    f"{self.vg}/{lv} is in use on this node (mounted or open); unpublish "
-                    f"and unstage it first: {err.stderr[-200:]}") from None
-            raise
 
     def expand_volume(self, volume_id: str, size: int) -> Volume:
         vol = self.get_volume(volume_id)
@@ -547,12 +368,12 @@ class LvmThinPool(Pool):
             grown = replace(vol, size=size)
             # intent first (the size tag), then the lvextend: a crash in between is
             # finished by start() or the next attach
-            self._lvm("lvchange", "--deltag", f"{TAG_PREFIX}size={vol.size}",
-                      "--addtag", f"{TAG_PREFIX}size={size}", self._path(lv))
+            self.lvm.run("lvchange", "--deltag", f"{TAG_PREFIX}size={vol.size}",
+                      "--addtag", f"{TAG_PREFIX}size={size}", self.lvm.path(lv))
             self.index.put(grown)
             self._short.add(volume_id)
             crashpoint("lvmthin.expand.tagged")
-            self._grow(lv, size)
+            self.lvm.grow(lv, size)
             self._short.discard(volume_id)
         log.info("pool %s: expanded volume %s to %d bytes", self.name, volume_id, size)
         return grown
@@ -562,7 +383,7 @@ class LvmThinPool(Pool):
         if vol is None:
             return Condition(True, "volume is not in the pool's index")
         try:
-            lvs = self._report(fresh=False)
+            lvs = self.lvm.report(fresh=False)
         except Unavailable as err:
             return Condition(True, str(err))
         lv = next((x for x in lvs if x.name == self._lv(volume_id)), None)
@@ -595,15 +416,15 @@ class LvmThinPool(Pool):
         if isinstance(found, Snapshot):
             return found
         vol = found
-        status = self._status()
+        status = self.lvm.status()
         self.budget.refuse(status.size, self._fills(status))
         snap = Snapshot(id=new_id(self.name, "snap"), name=name, pool=self.name,
                         source_volume_id=vol.id, size=vol.size, parameters=dict(parameters))
         # a thin snapshot: LVM suspends an active origin with its filesystem frozen
         # (crash-consistent); the activation skip flag keeps the snapshot inactive
-        self._lvm("lvcreate", "--snapshot", "--setactivationskip", "y", "--activate", "n",
+        self.lvm.run("lvcreate", "--snapshot", "--setactivationskip", "y", "--activate", "n",
                   "--name", self._lv(snap.id), *self._tags(snap),
-                  self._path(self._lv(vol.id)))
+                  self.lvm.path(self._lv(vol.id)))
         self.index.put(snap)
         log.info("pool %s: snapshot %s (%s) of %s", self.name, snap.id, name, vol.id)
         return snap
@@ -612,7 +433,7 @@ class LvmThinPool(Pool):
         lv = self.lv_name(snapshot_id)
         if lv is None or self.get_snapshot(snapshot_id) is None:
             return
-        self._remove_lv(lv)
+        self.lvm.remove(lv)
         self.index.drop(snapshot_id)
         log.info("pool %s: deleted snapshot %s", self.name, snapshot_id)
 
@@ -623,66 +444,33 @@ class LvmThinPool(Pool):
         if self.get_snapshot(snapshot_id) is None:
             raise NotFound(f"snapshot {snapshot_id} does not exist in pool {self.name!r}")
         lv = self._lv(snapshot_id)
-        device = self._device_of_lv(lv)
+        device = self.lvm.device(lv)
         activated = device is None
-        if activated:
-            self._lvm("lvchange", "--activate", "y", "--ignoreactivationskip", self._path(lv))
-            device = self._device_of_lv(lv)
         try:
-            if device is None:
-                raise Internal(f"snapshot {snapshot_id}: its LV was activated but has no "
-                               "device")
-            yield device
+            yield device if device is not None else self.lvm.activate(lv)
         finally:
             if activated:
-                self._lvm("lvchange", "--activate", "n", self._path(lv))
+                self.lvm.deactivate(lv)
 
     # ---- node side ------------------------------------------------------------------
-
-    def _device_of_lv(self, lv: str) -> str | None:
-        """The block device of an active LV, found by its device-mapper name in sysfs."""
-        want = self._dm_name(lv)
-        block = os.path.join(self.system.sys_root, "block")
-        try:
-            entries = os.listdir(block)
-        except FileNotFoundError:
-            return None
-        for entry in entries:
-            if not entry.startswith("dm-"):
-                continue
-            try:
-                with open(os.path.join(block, entry, "dm", "name")) as f:
-                    if f.read().strip() != want:
-                        continue
-            except OSError:
-                continue
-            # the kernel's name: what mountinfo shows for binds of the device node
-            node = f"/dev/{entry}"
-            return node if os.path.exists(node) else f"/dev/mapper/{want}"
-        return None
 
     def attach(self, volume_id: str) -> str:
         vol = self.get_volume(volume_id)
         if vol is None:
             raise NotFound(f"volume {volume_id} does not exist in pool {self.name!r}")
         lv = self._lv(volume_id)
-        device = self._device_of_lv(lv)
+        device = self.lvm.device(lv)
         if device is not None:
             return device
         self._finish_growth(vol)
-        self._lvm("lvchange", "--activate", "y", "--ignoreactivationskip", self._path(lv))
-        device = self._device_of_lv(lv)
-        if device is None:
-            raise Internal(f"LV {self.vg}/{lv} was activated but no device-mapper device "
-                           f"{self._dm_name(lv)} appeared")
-        return device
+        return self.lvm.activate(lv)
 
     def detach(self, volume_id: str) -> None:
         lv = self.lv_name(volume_id)
-        if lv is None or self._device_of_lv(lv) is None:
+        if lv is None or self.lvm.device(lv) is None:
             return
         try:
-            self._lvm("lvchange", "--activate", "n", self._path(lv))
+            self.lvm.deactivate(lv)
         except CommandFailed as err:
             if "in use" in err.stderr or "open" in err.stderr:
                 raise FailedPrecondition(
@@ -692,7 +480,7 @@ class LvmThinPool(Pool):
 
     def device_of(self, volume_id: str) -> str | None:
         lv = self.lv_name(volume_id)
-        return None if lv is None else self._device_of_lv(lv)
+        return None if lv is None else self.lvm.device(lv)
 
     def refresh_device(self, volume_id: str) -> int:
         vol = self.get_volume(volume_id)
@@ -702,5 +490,5 @@ class LvmThinPool(Pool):
         device = self.device_of(volume_id)
         if device is not None:
             return self.system.device_size(device)
-        found = self._find_lv(self._lv(volume_id))
+        found = self.lvm.find(self._lv(volume_id))
         return found.size if found is not None else vol.size
