@@ -24,15 +24,8 @@ from csi.pools import PoolDown, PoolFailure, PoolSet
 from csi.pools.base import new_id
 from csi.system import System
 from csi.wiring import node_events
-from tests.unit.test_kube import (
-    Cluster,
-    GiB,
-    MemoryKubeApi,
-    MemoryPool,
-    create_at,
-    on,
-    request,
-)
+from tests.unit.fakes import GiB, MemoryPool
+from tests.unit.test_kube import Cluster, MemoryKubeApi, create_at, on, request
 
 CAP = csi_pb2.VolumeCapability(
     mount=csi_pb2.VolumeCapability.MountVolume(fs_type="ext4"),
