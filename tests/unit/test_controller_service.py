@@ -291,6 +291,21 @@ def test_create_volume_is_idempotent(ctl: Ctl) -> None:
     assert list(ctl.local.volumes) == [first.volume_id]
 
 
+@pytest.mark.parametrize(("first", "again"), [
+    pytest.param(cap("block"), cap(fs_type="xfs"), id="block-then-mount"),
+    pytest.param(cap(fs_type="xfs"), cap("block"), id="mount-then-block"),
+])
+def test_re_create_with_another_access_type_returns_the_same_volume(
+        ctl: Ctl, first: csi_pb2.VolumeCapability, again: csi_pb2.VolumeCapability) -> None:
+    """Current behaviour, documented (see the report of this suite): the access type is
+    not part of CreateVolume's idempotency (check_compatible compares size, source,
+    parameters and a filesystem both sides name), so block and mount requests of one name
+    get the same volume, with the first request's fsType, rather than ALREADY_EXISTS."""
+    vol = ctl.create(caps=[first])
+    assert ctl.create(caps=[again]) == vol
+    assert len(ctl.local.volumes) == 1
+
+
 def test_create_volume_on_the_network_pool(ctl: Ctl) -> None:
     vol = ctl.create(caps=[cap(mode=RWX)], params={"pool": "shared"},
                      requisite=("node-2",))  # a shared pool is reachable from every node
@@ -459,6 +474,7 @@ def test_validate_refusals(ctl: Ctl, build: Callable[[str], Any], code: Code,
 @pytest.mark.parametrize(("pool", "caps", "message"), [
     pytest.param("local", [cap()], "", id="same-capability"),
     pytest.param("local", [cap(fs_type="ext4", flags=("noatime",))], "", id="same-fs"),
+    # current behaviour (see the report): a volume made for ext4 is confirmed for raw block
     pytest.param("local", [cap("block")], "", id="block-on-a-mount-volume"),
     pytest.param("local", [cap(fs_type="xfs")], "volume has fsType ext4, not xfs",
                  id="other-fs-type"),
