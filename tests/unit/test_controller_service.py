@@ -297,7 +297,7 @@ def test_create_volume_is_idempotent(ctl: Ctl) -> None:
 ])
 def test_re_create_with_another_access_type_returns_the_same_volume(
         ctl: Ctl, first: csi_pb2.VolumeCapability, again: csi_pb2.VolumeCapability) -> None:
-    """Current behaviour, documented (see the report of this suite): the access type is
+    """Current behaviour, documented, and questionable: the access type is
     not part of CreateVolume's idempotency (check_compatible compares size, source,
     parameters and a filesystem both sides name), so block and mount requests of one name
     get the same volume, with the first request's fsType, rather than ALREADY_EXISTS."""
@@ -337,7 +337,7 @@ def test_clone_and_restore(ctl: Ctl) -> None:
 
 def test_restore_smaller_than_the_source(ctl: Ctl) -> None:
     """The limit is checked against the source's size, but the message speaks of the
-    filesystem's minimum (see the report of this suite)."""
+    filesystem's minimum (current behaviour; the message misleads)."""
     snap = ctl.snapshot(ctl.create("pvc-origin", size=2 * GiB).volume_id)
     expect(Code.OUT_OF_RANGE, r"^limit_bytes 1073741824 is below the smallest possible "
            r"volume \(2147483648 bytes for this filesystem\)$", ctl.svc.CreateVolume,
@@ -474,7 +474,7 @@ def test_validate_refusals(ctl: Ctl, build: Callable[[str], Any], code: Code,
 @pytest.mark.parametrize(("pool", "caps", "message"), [
     pytest.param("local", [cap()], "", id="same-capability"),
     pytest.param("local", [cap(fs_type="ext4", flags=("noatime",))], "", id="same-fs"),
-    # current behaviour (see the report): a volume made for ext4 is confirmed for raw block
+    # current behaviour, questionable: a volume made for ext4 is confirmed for raw block
     pytest.param("local", [cap("block")], "", id="block-on-a-mount-volume"),
     pytest.param("local", [cap(fs_type="xfs")], "volume has fsType ext4, not xfs",
                  id="other-fs-type"),

@@ -278,7 +278,8 @@ def test_stage_refusals(node: Node, build: Build, code: Code, match: str) -> Non
 
 def test_stage_over_another_mount_is_refused_but_attaches(node: Node) -> None:
     """A foreign mount at the staging path: ALREADY_EXISTS, and nothing unmounted; the
-    volume's device is attached before the check and stays attached (see the report)."""
+    volume's device is attached before the check and stays attached (current behaviour,
+    questionable: the refused call changed something)."""
     vid = node.volume()
     os.makedirs(node.staging())
     node.add_mount(node.staging())
@@ -622,8 +623,8 @@ def test_unstage_of_a_published_block_volume_without_its_staging_directory(
     """Block stage neither needs nor makes the staging directory. Unstage then finds no
     staging path, skips the still-published check and detaches the device that is still
     bound at the target (with the directory there it is FAILED_PRECONDITION, see
-    test_unstage_refusals[block-still-published]). Current behaviour, documented; see the
-    report of this suite."""
+    test_unstage_refusals[block-still-published]). Current behaviour, documented, and
+    questionable."""
     vid = node.volume()
     node.stage(vid, kind="block")
     node.publish(vid, kind="block")
