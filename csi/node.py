@@ -207,8 +207,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 current = self.system.mount_at(staging)
                 if current is not None:
                     self._owner(request.volume_id, current, staging)
-                if access is not None:
-                    access.check_unstage(self.system, staging)
+            if access is not None:
+                access.check_unstage(self.system, staging)
+            if staging is not None:
                 while (current := self.system.mount_at(staging)) is not None:
                     self._owner(request.volume_id, current, staging)
                     self.system.umount(staging)

@@ -146,8 +146,9 @@ class Access(abc.ABC):
         FailedPrecondition (another filesystem on the volume), Aborted, Internal."""
 
     @abc.abstractmethod
-    def check_unstage(self, system: System, staging: NodePath) -> None:
-        """Refuse NodeUnstageVolume while unstaging would break a live publish (lock held).
+    def check_unstage(self, system: System, staging: NodePath | None) -> None:
+        """Refuse NodeUnstageVolume while unstaging would break a live publish (lock held;
+        ``staging`` None: the staging path does not exist, e.g. a raw block volume's).
 
         Raises: FailedPrecondition."""
 
@@ -207,9 +208,9 @@ class AttachedAccess(Access):
         system, pool, volume_id = host.system, self.pool, self.volume_id
         current = system.mount_at(staging)
         if current is not None:
-            device = pool.attach(volume_id)
-            crashpoint("node.stage.attached")
-            if not system.is_mount_of(current, device):
+            # staged already (a retry), or someone else's mount: nothing is attached for it
+            device = pool.device_of(volume_id)
+            if device is None or not system.is_mount_of(current, device):
                 raise AlreadyExists(f"staging_target_path {staging.given} already has "
                                     f"{current.source} mounted")
             return
@@ -265,16 +266,18 @@ class AttachedAccess(Access):
 
     # ---- unstage --------------------------------------------------------------------
 
-    def check_unstage(self, system: System, staging: NodePath) -> None:
+    def check_unstage(self, system: System, staging: NodePath | None) -> None:
         """Unstaging under a live publish would leave the filesystem mounted through the
         publish while its device is detached, and a later stage would mount the same
-        filesystem a second time through a new device: refuse until unpublished."""
+        filesystem a second time through a new device: refuse until unpublished. A raw
+        block volume has no staging mount (nor, often, a staging directory): its publishes
+        are binds of the device itself."""
         device = self.pool.device_of(self.volume_id)
         if device is None:
             return
-        staged = system.mount_at(staging)
+        staged = None if staging is None else system.mount_at(staging)
         published = [m.mount_point for m in system.mounts()
-                     if m.mount_point != staging.real
+                     if (staging is None or m.mount_point != staging.real)
                      and (system.is_mount_of(m, device)
                           or (staged is not None and m.major_minor == staged.major_minor))]
         if published:
@@ -390,7 +393,7 @@ class NetworkAccess(Access):
     def stage(self, host: NodeHost, req: StageRequest) -> None:
         self._refuse_block(req.block)  # mounted at publish
 
-    def check_unstage(self, system: System, staging: NodePath) -> None:
+    def check_unstage(self, system: System, staging: NodePath | None) -> None:
         return None  # publishes are mounts of their own, not of the staging path
 
     def detach(self) -> None:

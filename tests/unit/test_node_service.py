@@ -276,18 +276,17 @@ def test_stage_refusals(node: Node, build: Build, code: Code, match: str) -> Non
     assert node.state() == before, "a refused stage changes nothing"
 
 
-def test_stage_over_another_mount_is_refused_but_attaches(node: Node) -> None:
-    """A foreign mount at the staging path: ALREADY_EXISTS, and nothing unmounted; the
-    volume's device is attached before the check and stays attached (current behaviour,
-    questionable: the refused call changed something)."""
+def test_stage_over_another_mount_is_refused_and_changes_nothing(node: Node) -> None:
+    """A foreign mount at the staging path: ALREADY_EXISTS before anything is attached,
+    and nothing unmounted."""
     vid = node.volume()
     os.makedirs(node.staging())
     node.add_mount(node.staging())
     expect(Code.ALREADY_EXISTS, r"^staging_target_path .*/globalmount already has tmpfs "
            "mounted$", node.svc.NodeStageVolume, stage_req(vid, node.staging(), cap()))
     assert [m.source for m in node.system.table] == ["tmpfs"]
-    assert node.local.attached == {vid: device(vid)}
-    assert not node.system.effects("mkfs", "mount")
+    assert node.local.attached == {}
+    assert not node.system.effects("mkfs", "mount", "attach")
 
 
 @pytest.mark.parametrize(("fs_type", "existing", "fs_bytes", "effects"), [
@@ -620,18 +619,18 @@ def test_unstage(node: Node, kind: str) -> None:
 
 def test_unstage_of_a_published_block_volume_without_its_staging_directory(
         node: Node) -> None:
-    """Block stage neither needs nor makes the staging directory. Unstage then finds no
-    staging path, skips the still-published check and detaches the device that is still
-    bound at the target (with the directory there it is FAILED_PRECONDITION, see
-    test_unstage_refusals[block-still-published]). Current behaviour, documented, and
-    questionable."""
+    """Block stage neither needs nor makes the staging directory; unstage without it still
+    refuses while the device is bound at a target, and detaches nothing."""
     vid = node.volume()
     node.stage(vid, kind="block")
     node.publish(vid, kind="block")
     assert not os.path.exists(os.path.dirname(node.staging()))
-    node.unstage(vid)
-    assert node.system.effects("detach") == [("detach", vid, device(vid))]
+    expect(Code.FAILED_PRECONDITION, r"^volume local:vol-\w+ is still published at "
+           r".*/mount; NodeUnpublishVolume first$", node.svc.NodeUnstageVolume,
+           csi_pb2.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=node.staging()))
+    assert not node.system.effects("detach")
     assert node.system.mounted(node.target()), "the publish is still there"
+    assert node.local.attached == {vid: device(vid)}
 
 
 def test_unstage_of_nothing_is_done(node: Node) -> None:
