@@ -233,8 +233,11 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             self._check_topology(request)
         cr = request.capacity_range
         default = max(pool.default_size, source_size)
+        fs_minimum = MIN_FS_BYTES.get(fs_type, 4096)
         size = resolve_size(cr.required_bytes, cr.limit_bytes, default,
-                            max(MIN_FS_BYTES.get(fs_type, 4096), source_size), pool.granularity)
+                            max(fs_minimum, source_size), pool.granularity,
+                            "the size of the source" if source_size > fs_minimum else
+                            f"the smallest {fs_type or 'block'} volume")
         vreq = VolumeRequest(name=request.name, size=size, required=cr.required_bytes,
                              limit=cr.limit_bytes, fs_type=fs_type, block=caps.block,
                              source=source, parameters=params,
@@ -366,7 +369,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                                                       "volume_capability"))
         cr = request.capacity_range
         size = resolve_size(cr.required_bytes, cr.limit_bytes, vol.size, vol.size,
-                            pool.granularity)
+                            pool.granularity, "the volume's current size")
         with self.locks.hold(vol.id):
             grown = pool.expand_volume(vol.id, size)
         return csi_pb2.ControllerExpandVolumeResponse(

@@ -178,9 +178,11 @@ def check_mount_flag(flag: str) -> None:
 
 
 def resolve_size(
-    required: int, limit: int, default: int, minimum: int, granularity: int
+    required: int, limit: int, default: int, minimum: int, granularity: int,
+    minimum_is: str = "the smallest volume of this filesystem",
 ) -> int:
-    """Pick a volume size for a capacity range (0 = unspecified, as the spec says)."""
+    """Pick a volume size for a capacity range (0 = unspecified, as the spec says);
+    ``minimum_is`` says what sets ``minimum``, for the refusal of a limit below it."""
     if required < 0 or limit < 0:
         raise OutOfRange("capacity_range bytes must not be negative")
     if required > MAX_VOLUME_BYTES or limit > MAX_VOLUME_BYTES:
@@ -190,8 +192,7 @@ def resolve_size(
         raise OutOfRange(f"capacity_range required_bytes {required} is above "
                          f"limit_bytes {limit}")
     if limit and limit < minimum:
-        raise OutOfRange(f"limit_bytes {limit} is below the smallest possible volume "
-                         f"({minimum} bytes for this filesystem)")
+        raise OutOfRange(f"limit_bytes {limit} is below {minimum} bytes, {minimum_is}")
     size = required or (min(default, limit) if limit else default)
     size = max(size, minimum)
     size = -(-size // granularity) * granularity

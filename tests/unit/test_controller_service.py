@@ -178,8 +178,8 @@ CREATE_ERRORS = [
                  r"^capacity_range required_bytes 2147483648 is above limit_bytes "
                  r"1073741824$", id="required-above-limit"),
     pytest.param(lambda c: create_req(size=0, limit=100 * MiB, caps=[cap(fs_type="xfs")]),
-                 Code.OUT_OF_RANGE, r"^limit_bytes 104857600 is below the smallest possible "
-                 r"volume \(314572800 bytes for this filesystem\)$", id="limit-below-xfs-min"),
+                 Code.OUT_OF_RANGE, r"^limit_bytes 104857600 is below 314572800 bytes, the "
+                 r"smallest xfs volume$", id="limit-below-xfs-min"),
     pytest.param(lambda c: create_req(snapshot=MISSING_SNAP), Code.NOT_FOUND,
                  rf"^source snapshot {MISSING_SNAP} does not exist$", id="missing-snapshot"),
     pytest.param(lambda c: create_req(volume=MISSING_VOL), Code.NOT_FOUND,
@@ -336,11 +336,10 @@ def test_clone_and_restore(ctl: Ctl) -> None:
 
 
 def test_restore_smaller_than_the_source(ctl: Ctl) -> None:
-    """The limit is checked against the source's size, but the message speaks of the
-    filesystem's minimum (current behaviour; the message misleads)."""
+    """The limit is checked against the source's size, and the message says so."""
     snap = ctl.snapshot(ctl.create("pvc-origin", size=2 * GiB).volume_id)
-    expect(Code.OUT_OF_RANGE, r"^limit_bytes 1073741824 is below the smallest possible "
-           r"volume \(2147483648 bytes for this filesystem\)$", ctl.svc.CreateVolume,
+    expect(Code.OUT_OF_RANGE, r"^limit_bytes 1073741824 is below 2147483648 bytes, the "
+           r"size of the source$", ctl.svc.CreateVolume,
            create_req("pvc-small", size=GiB, limit=GiB, snapshot=snap.snapshot_id))
 
 
@@ -405,8 +404,8 @@ EXPAND_ERRORS = [
     pytest.param(lambda c, v: expand_req(v, required=MAX_VOLUME_BYTES + 1),
                  Code.OUT_OF_RANGE, r"\(1 PiB\), the largest volume", id="over-1-PiB"),
     pytest.param(lambda c, v: expand_req(v, required=0, limit=GiB // 2), Code.OUT_OF_RANGE,
-                 r"^limit_bytes 536870912 is below the smallest possible volume "
-                 r"\(1073741824 bytes for this filesystem\)$", id="limit-below-current-size"),
+                 r"^limit_bytes 536870912 is below 1073741824 bytes, the volume's current "
+                 r"size$", id="limit-below-current-size"),
     pytest.param(lambda c, v: expand_req(v, capability=cap(mode=RWX)), Code.INVALID_ARGUMENT,
                  r"^pool 'local' \(memory\) is node-local", id="multi-node-capability"),
     pytest.param(lambda c, v: expand_req(v, capability=cap(mode=Mode.UNKNOWN)),
