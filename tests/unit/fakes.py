@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 
+from csi._proto import csi_pb2
 from csi.errors import CommandFailed, FailedPrecondition, FlotillaError, NotFound, status_code
 from csi.pools.access import Access, NetworkAccess
 from csi.pools.base import (
@@ -38,6 +39,22 @@ from csi.pools.base import (
     parse_id,
 )
 from csi.system import MountInfo, NodePath, System
+
+Mode = csi_pb2.VolumeCapability.AccessMode
+RWO = Mode.SINGLE_NODE_WRITER
+RWX = Mode.MULTI_NODE_MULTI_WRITER
+
+
+def cap(kind: str = "mount", mode: Any = RWO, fs_type: str = "",
+        flags: tuple[str, ...] = ()) -> csi_pb2.VolumeCapability:
+    c = csi_pb2.VolumeCapability(access_mode=Mode(mode=mode))
+    if kind == "mount":
+        c.mount.fs_type = fs_type
+        c.mount.mount_flags.extend(flags)
+    elif kind == "block":
+        c.block.SetInParent()
+    return c
+
 
 GiB = 1 << 30
 MiB = 1 << 20

@@ -27,24 +27,20 @@ from csi.locks import KeyedTryLock
 from csi.pools import PoolSet
 from csi.pools.base import new_id
 from csi.validation import MAX_VOLUME_BYTES
-from tests.unit.fakes import GiB, MemoryPool, MiB, NetworkMemoryPool, call, expect
+from tests.unit.fakes import (
+    RWX,
+    GiB,
+    MemoryPool,
+    MiB,
+    Mode,
+    NetworkMemoryPool,
+    call,
+    cap,
+    expect,
+)
 
 Code = grpc.StatusCode
-Mode = csi_pb2.VolumeCapability.AccessMode
-RWO = Mode.SINGLE_NODE_WRITER
-RWX = Mode.MULTI_NODE_MULTI_WRITER
 NODE = "node-1"
-
-
-def cap(kind: str = "mount", mode: Any = RWO, fs_type: str = "",
-        flags: tuple[str, ...] = ()) -> csi_pb2.VolumeCapability:
-    c = csi_pb2.VolumeCapability(access_mode=Mode(mode=mode))
-    if kind == "mount":
-        c.mount.fs_type = fs_type
-        c.mount.mount_flags.extend(flags)
-    elif kind == "block":
-        c.block.SetInParent()
-    return c
 
 
 def topology(node: str) -> csi_pb2.Topology:

@@ -30,31 +30,21 @@ from csi.pools import PoolSet
 from csi.pools.base import Condition, VolumeRequest, new_id
 from csi.system import MountInfo
 from tests.unit.fakes import (
+    RWO,
     DeviceMemoryPool,
     FakeSystem,
     GiB,
+    Mode,
     NetworkMemoryPool,
     call,
+    cap,
     expect,
     uid,
 )
 
 Code = grpc.StatusCode
-Mode = csi_pb2.VolumeCapability.AccessMode
-RWO = Mode.SINGLE_NODE_WRITER
 NODE = "node-1"
 MISSING = new_id("local", "vol")
-
-
-def cap(kind: str = "mount", mode: Any = RWO, fs_type: str = "",
-        flags: tuple[str, ...] = ()) -> csi_pb2.VolumeCapability:
-    c = csi_pb2.VolumeCapability(access_mode=Mode(mode=mode))
-    if kind == "mount":
-        c.mount.fs_type = fs_type
-        c.mount.mount_flags.extend(flags)
-    elif kind == "block":
-        c.block.SetInParent()
-    return c
 
 
 def device(volume_id: str) -> str:
