@@ -328,7 +328,12 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    stopping.wait()
+    # Python runs a signal handler in the main thread, but the kernel may deliver the
+    # signal to any of gRPC's threads, which does not wake a main thread blocked on a lock
+    # with no timeout: SIGTERM then went unhandled for good (a flaky teardown in CI).
+    # Waking every second lets the handler run.
+    while not stopping.wait(1.0):
+        pass
     driver.stop()
     log.info("stopped")
     return 0

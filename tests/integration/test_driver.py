@@ -3,7 +3,9 @@ readiness, start-up errors, the embedded default and the demo."""
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -74,6 +76,32 @@ def code_of(fn: Callable[..., object], req: object) -> grpc.StatusCode:
     except grpc.RpcError as err:
         return err.code()  # type: ignore[no-any-return]
     return grpc.StatusCode.OK
+
+
+#: tgkill(2), which sends a signal to one thread of another process
+TGKILL = {"x86_64": 234, "aarch64": 131}
+
+
+def test_sigterm_taken_by_any_thread_stops_the_driver(
+        started: tuple[CSIClient, DriverProcess, int]) -> None:
+    """The kernel hands a process-directed SIGTERM to any thread that does not block it
+    (a kubelet's or a test's `kill`); Python runs the handler in the main thread, which
+    must wake up for it. Sent to one of gRPC's threads on purpose, it must still drain
+    and exit 0 (a main thread blocked on a lock with no timeout never woke: a flaky
+    teardown in CI)."""
+    machine = os.uname().machine
+    if machine not in TGKILL:
+        pytest.skip(f"the tgkill syscall number is not known here for {machine}")
+    _, driver, _ = started
+    assert driver.proc is not None
+    pid = driver.proc.pid
+    others = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid)
+    assert others, "the driver runs gRPC's threads beside its main thread"
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.syscall(TGKILL[machine], pid, others[-1], signal.SIGTERM) == 0, \
+        os.strerror(ctypes.get_errno())
+    assert driver.proc.wait(timeout=15) == 0
+    assert "received SIGTERM: draining" in driver.log.read_text()
 
 
 def test_bad_input_is_refused_and_changes_nothing(started: tuple[CSIClient, DriverProcess, int],
