@@ -160,7 +160,12 @@ mirror() {  # the machine's own Debian mirror, from its apt sources
     [[ -n $m ]] || { echo "no Debian mirror in /etc/apt/sources*" >&2; exit 1; }
     echo "$m"
 }
-base_key=$(printf '%s\n' "$SUITE" "${PACKAGES[@]}" | hash)
+# Layers have every mtime at 0 (reproducible), which makes timestamp-checked .pyc files
+# stale: Python would compile every module again at each start (minutes on a slow node).
+# So every .pyc in the images is made with --invalidation-mode unchecked-hash (PYC below:
+# part of the cache key).
+PYC="compileall -q -f --invalidation-mode unchecked-hash"
+base_key=$(printf '%s\n' "$SUITE" "${PACKAGES[@]}" "$PYC" | hash)
 BASE=$CACHE/base-$base_key
 if [[ ! -f $BASE.tar ]]; then
     log "Debian $SUITE root with ${PACKAGES[*]} (debootstrap; a few minutes, once)"
@@ -169,10 +174,14 @@ if [[ ! -f $BASE.tar ]]; then
         "$SUITE" "$BASE.root" "$(mirror)" >"$CACHE/build/debootstrap.log" 2>&1 ||
         { tail -20 "$CACHE/build/debootstrap.log" >&2; exit 1; }
     chroot "$BASE.root" apt-get clean
+    chroot "$BASE.root" /usr/bin/python3 -m $PYC /usr/lib/python3 /usr/lib/python3.11
     rm -rf "$BASE.root"/var/lib/apt/lists/* "$BASE.root"/var/cache/apt/*.bin \
         "$BASE.root"/usr/share/doc "$BASE.root"/usr/share/man "$BASE.root"/usr/share/locale
     layer_of "$BASE.root" "$BASE.tar.part"
     mv "$BASE.tar.part" "$BASE.tar"
+    for old in "$CACHE"/base-*; do  # roots of an older recipe
+        [[ $old == "$BASE.tar" || $old == "$BASE.root" ]] || rm -rf "$old"
+    done
 fi
 
 src_key=$( (echo "$base_key"; find csi proto pyproject.toml setup.py README.md -type f \
@@ -190,6 +199,7 @@ if ! current flotilla "$FLOTILLA_TAG"; then
     chroot "$BASE.root" /usr/bin/python3 -m venv /opt/flotilla
     chroot "$BASE.root" /opt/flotilla/bin/pip install -q --no-cache-dir --no-index \
         --find-links /tmp/wheels flotilla-csi
+    chroot "$BASE.root" /opt/flotilla/bin/python -m $PYC /opt/flotilla/lib
     chroot "$BASE.root" /opt/flotilla/bin/flotilla --version >/dev/null
     mkdir -p "$dir/app/opt"
     mv "$BASE.root/opt/flotilla" "$dir/app/opt/flotilla"
@@ -205,7 +215,8 @@ if ! current flotilla "$FLOTILLA_TAG"; then
 fi
 
 # ---- the names, for the rig and the chart's values -------------------------------------
-{
+# (written only when they change: a current cache may be read-only, as in the VM guest)
+names=$(
     echo "FLOTILLA_IMAGE=$REGISTRY/flotilla:$(cat "$OUT/flotilla.stamp")"
     for name in csi-provisioner csi-snapshotter csi-resizer snapshot-controller \
                 csi-node-driver-registrar livenessprobe pause; do
@@ -213,6 +224,7 @@ fi
         echo "$var=$REGISTRY/$name:$(cut -d' ' -f1 "$OUT/$name.stamp")"
     done
     echo "BUSYBOX_IMAGE=$REGISTRY/busybox:$BUSYBOX_TAG"
-} >"$OUT/images.env"
+)
+[[ "$(cat "$OUT/images.env" 2>/dev/null)" == "$names" ]] || echo "$names" >"$OUT/images.env"
 log "images ready in $OUT ($((SECONDS - start)) s)"
 echo "$OUT"
