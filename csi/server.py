@@ -205,7 +205,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-format", choices=("text", "json"), default="text")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--socket-group", default=None,
-                   help="group allowed to use the socket (mode 0660 instead of 0600)")
+                   help="group (name or numeric id) allowed to use the socket (mode 0660 "
+                        "instead of 0600), e.g. the sidecars' group when the driver runs "
+                        "as root and they do not")
     p.add_argument("--workers", type=int, default=16, help="gRPC worker threads")
     k = p.add_argument_group("distributed mode (--mode controller / node)")
     k.add_argument("--kubeconfig", default=None,
@@ -284,7 +286,8 @@ class Driver:
 
     def _secure_socket(self, path: str) -> None:
         if self.args.socket_group:
-            os.chown(path, -1, grp.getgrnam(self.args.socket_group).gr_gid)
+            group = self.args.socket_group
+            os.chown(path, -1, int(group) if group.isdigit() else grp.getgrnam(group).gr_gid)
             os.chmod(path, 0o660)
         else:
             os.chmod(path, 0o600)

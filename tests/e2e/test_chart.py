@@ -126,9 +126,23 @@ def test_each_pool_type_gets_what_it_needs(tmp_path: Path) -> None:
     assert not ports & {9808, 9809}, ports  # other drivers' sidecar defaults on the host
     sec = ctrl["containers"][0]["securityContext"]
     assert (sec["privileged"], sec["runAsUser"], sec["runAsNonRoot"]) == (True, 0, False)
+    # root's socket opens to the pod's group, the sidecars' (they are not root: found on
+    # the real node, where every sidecar got "permission denied" on the socket)
+    group = ctrl["securityContext"]["runAsGroup"]
+    assert f"--socket-group={group}" in ctrl["containers"][0]["args"]
+    assert all(c.get("securityContext", {}).get("runAsUser") is None
+               for c in ctrl["containers"][1:])
+    assert not [a for a in pod_spec(plain, "Deployment")["containers"][0]["args"]
+                if a.startswith("--socket-group")]
     assert "hostNetwork" not in ctrl  # its export mount stays in its own namespaces
     for spec in (node, ctrl):
         probe = next(c for c in spec["containers"] if c["name"] == "liveness-probe")
         assert "--probe-timeout=3s" in probe["args"]
         kubelet_probe = spec["containers"][0]["livenessProbe"]
         assert kubelet_probe["timeoutSeconds"] > 3
+        # a slow start (pools starting) is covered by a startup probe, not a restart loop
+        for c in spec["containers"]:
+            if "livenessProbe" in c:
+                start = c["startupProbe"]
+                assert start["periodSeconds"] * start["failureThreshold"] >= 300, c["name"]
+                assert "initialDelaySeconds" not in c["livenessProbe"], c["name"]

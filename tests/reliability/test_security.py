@@ -21,12 +21,14 @@ pytestmark = pytest.mark.root
 SECRET = "Tr0ub4dor-and-3"
 
 
-def test_socket_group(rig: Rig) -> None:
-    rig.driver.argv += ["--socket-group", "disk"]
+@pytest.mark.parametrize("group", ["disk", "65532"])
+def test_socket_group(rig: Rig, group: str) -> None:
+    """By name, or by number (the chart's pod group, which need not exist in the image)."""
+    rig.driver.argv += ["--socket-group", group]
     rig.driver.start()
     st = os.stat(rig.driver.socket)
     assert stat.S_IMODE(st.st_mode) == 0o660
-    assert st.st_gid == grp.getgrnam("disk").gr_gid
+    assert st.st_gid == (int(group) if group.isdigit() else grp.getgrnam(group).gr_gid)
 
 
 @pytest.mark.parametrize("fmt", ["text", "json"])
