@@ -531,7 +531,11 @@ state = "{run_dir / 'containerd'}"
             env=self.helm_env())
         self.wait_chart_ready()
 
-    def wait_chart_ready(self, timeout: float = 300.0) -> None:
+    def wait_chart_ready(self, timeout: float | None = None) -> None:
+        """Wait for the chart's pods ($FLOTILLA_CLUSTER_READY_TIMEOUT seconds, default
+        300: a TCG guest starts them several times slower)."""
+        if timeout is None:
+            timeout = float(os.environ.get("FLOTILLA_CLUSTER_READY_TIMEOUT", "300"))
         kube = self.kube()
         apps = f"/apis/apps/v1/namespaces/{NAMESPACE}"
 

@@ -396,6 +396,7 @@ def run_in_guest(
     guest_timeout: float | None = None,
     cpu: str = "max",
     hide: Sequence[str] = (),
+    ro_disks: Sequence[Path] = (),
 ) -> GuestResult:
     """Run ``script`` (POSIX sh, cwd ``/job``) as root in a fresh guest.
 
@@ -407,7 +408,9 @@ def run_in_guest(
     run (qemu is killed); the script itself is killed inside the guest after
     ``guest_timeout`` (default: 20 s before ``timeout``) so its output survives.
     ``hide``: absolute paths of the host's root that do not exist in the guest (whiteouts
-    in the overlay, e.g. the state of a cluster running on the host).
+    in the overlay, e.g. the state of a cluster running on the host). ``ro_disks``:
+    existing image files attached read-only after the scratch disks (e.g. a filesystem
+    of assets the guest would read too slowly over 9p).
     """
     vmlinux_path, initrd = prepare(modules)
     own_jobdir = jobdir is None
@@ -442,6 +445,9 @@ def run_in_guest(
             with open(disk, "wb") as f:
                 f.truncate(size)
             argv += ["-drive", f"file={disk},format=raw,if=none,id=d{i},cache=unsafe",
+                     "-device", f"virtio-blk-pci,drive=d{i},serial=flotilla-disk{i}"]
+        for i, image in enumerate(ro_disks, start=len(disks)):
+            argv += ["-drive", f"file={image},format=raw,if=none,id=d{i},readonly=on",
                      "-device", f"virtio-blk-pci,drive=d{i},serial=flotilla-disk{i}"]
         started = time.monotonic()
         timed_out = False
@@ -517,6 +523,7 @@ class GuestJob:
     cpus: int = 2
     tmpfs_size: str = "75%"
     hide: tuple[str, ...] = ()
+    ro_disks: tuple[Path, ...] = ()
 
 
 def parallelism() -> int:
@@ -541,7 +548,7 @@ class GuestScheduler:
                 run_in_guest, job.script, modules=job.modules, disks=job.disks,
                 timeout=job.timeout, jobdir=self.base / name, env=dict(job.env),
                 guest_timeout=job.guest_timeout, memory_mib=job.memory_mib, cpus=job.cpus,
-                tmpfs_size=job.tmpfs_size, hide=job.hide)
+                tmpfs_size=job.tmpfs_size, hide=job.hide, ro_disks=job.ro_disks)
         return self.futures[name]
 
     def submit_all(self, jobs: Mapping[str, GuestJob]) -> None:
