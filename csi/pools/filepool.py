@@ -199,7 +199,7 @@ class FilePool(Pool):
             check_compatible(existing, req)
             return existing
         source = self.source_of(req)
-        source_img = None if source is None else self._payload(source)
+        source_img = None if source is None else self.store.payload(source)
         volume = Volume(id=new_id(self.name, "vol"), name=req.name, pool=self.name,
                         size=req.size, fs_type=req.fs_type, source=req.source,
                         parameters=dict(req.parameters))
@@ -220,9 +220,6 @@ class FilePool(Pool):
         log.info("pool %s: created volume %s (%s) %d bytes%s", self.name, volume.id,
                  volume.name, volume.size, f" from {req.source}" if req.source else "")
         return volume
-
-    def _payload(self, obj: Volume | Snapshot) -> str:
-        return self.store.path("volumes" if isinstance(obj, Volume) else "snapshots", obj.id)
 
     def delete_volume(self, volume_id: str) -> None:
         if self.get_volume(volume_id) is None:

@@ -373,8 +373,7 @@ class NfsPool(Pool):
             self._set_quota(existing)  # a crash may have come between commit and quota
             return existing
         source = self.source_of(req)
-        source_dir = None if source is None else self.store.path(
-            "volumes" if isinstance(source, Volume) else "snapshots", source.id)
+        source_dir = None if source is None else self.store.payload(source)
         volume = Volume(id=new_id(self.name, "vol"), name=req.name, pool=self.name,
                         size=req.size, fs_type="", source=req.source,
                         parameters=dict(req.parameters))

@@ -92,6 +92,10 @@ class ObjectStore:
         assert uid is not None, object_id
         return os.path.join(self.dirs[kind], uid + (".json" if meta else self.suffix))
 
+    def payload(self, obj: Volume | Snapshot) -> str:
+        """Where a committed object's payload is."""
+        return self.path("volumes" if isinstance(obj, Volume) else "snapshots", obj.id)
+
     def tmp_path(self, object_id: str) -> str:
         return os.path.join(self.dirs["tmp"], object_id.split(":", 1)[1] + self.suffix)
 
