@@ -34,10 +34,10 @@ def df_bytes(env: Env, ns: str, pod: str, path: str = "/data") -> int:
     """Size of the filesystem at `path` as `df` in the pod shows it."""
     # -P: one line per filesystem (busybox wraps a long device name, such as a thin
     # LV's /dev/mapper name, onto a line of its own otherwise)
-    out = env.sh(ns, pod, f"df -kP {path}")
+    out = env.sh(ns, pod, f"df -kP {path} 2>&1", check=False)
     rows = [line.split() for line in out.splitlines()[1:] if line.strip()]
     if not rows or rows[-1][-1] != path:
-        seen = env.sh(ns, pod, f"grep ' {path} ' /proc/self/mountinfo; stat -f {path}",
+        seen = env.sh(ns, pod, f"cat /proc/self/mountinfo; stat -f {path}; ls -la /etc",
                       check=False)
         raise AssertionError(f"df -kP {path} in {pod} does not list it:\n{out}\n{seen}")
     return int(rows[-1][1]) * 1024
