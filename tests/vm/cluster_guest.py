@@ -22,8 +22,9 @@ paths: over 9p (~1 MB/s) containerd took 20 minutes to import the images.
 NOT YET PART OF THE TEST COMMAND (not collected: no ``test_`` prefix). Its last run
 (2026-12-08, a quiet host): the cluster up in 459 s with the chart Ready on both pools,
 ``test_the_chart_registers_serves_and_reports`` passed, and the first user flow on
-lvmthin wrote and read its data, then failed at ``df``: busybox in the pod says
-"df: /data: can't find mount point" (the same image's df works on the host's filepool).
+lvmthin got its PVC bound and its pod Ready, then failed at its first check, ``df``:
+busybox in the pod says "df: /data: can't find mount point" (the same image's df works
+on the host's filepool).
 Run it by hand::
 
     .venv/bin/python -m tests.vm.cluster_guest [PYTEST-ARGS]   # e.g. -x --tb=short
