@@ -24,7 +24,11 @@ NOT YET PART OF THE TEST COMMAND (not collected: no ``test_`` prefix). Its last 
 ``test_the_chart_registers_serves_and_reports`` passed, and the first user flow on
 lvmthin got its PVC bound and its pod Ready, then failed at its first check, ``df``:
 busybox in the pod says "df: /data: can't find mount point" (the same image's df works
-on the host's filepool).
+on the host's filepool). Cause, from the pod's mountinfo: the guest's init ``chroot``s
+into /newroot (the overlay) on top of the initramfs rootfs, so every container's mount
+table names its mounts ``/newroot/data``, ``/newroot/etc/hosts``, ... and not ``/data``.
+Next step: enter the overlay as a real root (``mount --move /newroot /`` then chroot, as
+switch_root does) so that containers see themselves at ``/``.
 Run it by hand::
 
     .venv/bin/python -m tests.vm.cluster_guest [PYTEST-ARGS]   # e.g. -x --tb=short
