@@ -22,7 +22,7 @@ from csi.kube.agent import NodeAgent
 from csi.kube.pool import KubePool
 from csi.locks import KeyedTryLock
 from csi.pools import PoolSet
-from csi.pools.base import Placement, Snapshot, Source, Volume, VolumeRequest, new_id
+from csi.pools.base import Placement, Snapshot, Source, Volume, VolumeRequest
 from tests.unit.test_kube import Cluster, MemoryPool, create_at
 
 MiB = 1 << 20
@@ -50,14 +50,9 @@ class ImagePool(MemoryPool):
 
     def create_snapshot(self, name: str, source_volume_id: str,
                         parameters: dict[str, str]) -> Snapshot:
-        found = self.find_snapshot(name)
-        if found:
-            return found
-        vol = self.volumes[source_volume_id]
-        snap = Snapshot(id=new_id(self.name, "snap"), name=name, pool=self.name,
-                        source_volume_id=vol.id, size=vol.size, parameters=dict(parameters))
-        self.file(snap.id).write_bytes(self.file(vol.id).read_bytes())
-        self.snapshots[snap.id] = snap
+        snap = super().create_snapshot(name, source_volume_id, parameters)
+        if not self.file(snap.id).exists():
+            self.file(snap.id).write_bytes(self.file(source_volume_id).read_bytes())
         return snap
 
     @contextlib.contextmanager

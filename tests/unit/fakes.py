@@ -121,7 +121,7 @@ class MemoryPool(Pool):
             return found
         vol = self.volumes[source_volume_id]
         snap = Snapshot(id=new_id(self.name, "snap"), name=name, pool=self.name,
-                        source_volume_id=vol.id, size=vol.size)
+                        source_volume_id=vol.id, size=vol.size, parameters=dict(parameters))
         self.snapshots[snap.id] = snap
         return snap
 
