@@ -39,7 +39,7 @@ from csi.pools.base import (
     check_compatible,
     new_id,
 )
-from csi.pools.index import Fill, ThinBudget, physical_fill
+from csi.pools.index import Fill, ThinBudget, filesystem_usage
 from csi.pools.store import ObjectStore
 from csi.system import System
 
@@ -167,10 +167,7 @@ class FilePool(Pool):
 
     def _usage(self) -> tuple[int, int, list[Fill]]:
         """Physical size and use of the pool's filesystem, and its fill level."""
-        st = os.statvfs(self.path)
-        size = st.f_blocks * st.f_frsize
-        used = (st.f_blocks - st.f_bfree) * st.f_frsize
-        return size, used, [physical_fill(size, used, self.max_used_percent)]
+        return filesystem_usage(os.statvfs(self.path), self.max_used_percent)
 
     def _reserve(self, extra: int) -> contextlib.AbstractContextManager[None]:
         size, _, fills = self._usage()

@@ -11,6 +11,7 @@ measures its physical fill levels and passes them in as :class:`Fill` values.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -97,6 +98,14 @@ def physical_fill(size: int, used: int, max_used_percent: float) -> Fill:
     """The fill level of a filesystem ``size`` bytes large with ``used`` bytes used."""
     percent = 100.0 * used / size if size else 100.0
     return Fill("physical space", percent, "max_used_percent", max_used_percent)
+
+
+def filesystem_usage(st: os.statvfs_result,
+                     max_used_percent: float) -> tuple[int, int, list[Fill]]:
+    """A filesystem's physical size and bytes used, from its ``statvfs``, and its fill
+    level (the pools on a filesystem: filepool, nfs)."""
+    size, used = st.f_blocks * st.f_frsize, (st.f_blocks - st.f_bfree) * st.f_frsize
+    return size, used, [physical_fill(size, used, max_used_percent)]
 
 
 @dataclass(frozen=True)

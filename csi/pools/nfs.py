@@ -63,7 +63,7 @@ from csi.pools.base import (
     check_compatible,
     new_id,
 )
-from csi.pools.index import Fill, ThinBudget, physical_fill
+from csi.pools.index import Fill, ThinBudget, filesystem_usage
 from csi.pools.store import ObjectStore, remove_path
 from csi.system import TIMEOUT_MOUNT, System
 
@@ -259,8 +259,7 @@ class NfsPool(Pool):
         if st is None:
             raise Unavailable(f"pool {self.name!r}: {self.export} does not answer (stale "
                               "handle or server down); retry when it is back")
-        size, used = st.f_blocks * st.f_frsize, (st.f_blocks - st.f_bfree) * st.f_frsize
-        return size, used, [physical_fill(size, used, self.max_used_percent)]
+        return filesystem_usage(st, self.max_used_percent)
 
     def capacity(self) -> Capacity:
         size, used, fills = self._usage()
