@@ -324,13 +324,13 @@ class LvmThinPool(Pool):
         with self._reserve(req.size):
             if source_lv is None:
                 self.lvm.run("lvcreate", "--type", "thin", "--virtualsize", f"{req.size}b",
-                          "--thinpool", self.thin_pool, "--name", lv, "--activate", "n",
-                          *self._tags(volume), self.vg)
+                             "--thinpool", self.thin_pool, "--name", lv, "--activate", "n",
+                             *self._tags(volume), self.vg)
             else:
                 # a writable thin snapshot of the source; the size tag says what it will be
                 self.lvm.run("lvcreate", "--snapshot", "--setactivationskip", "n",
-                          "--activate", "n", "--name", lv, *self._tags(volume),
-                          self.lvm.path(source_lv))
+                             "--activate", "n", "--name", lv, *self._tags(volume),
+                             self.lvm.path(source_lv))
                 if req.size > source_size:
                     self._short.add(volume.id)
                     crashpoint("lvmthin.create.snapshotted")
@@ -369,7 +369,7 @@ class LvmThinPool(Pool):
             # intent first (the size tag), then the lvextend: a crash in between is
             # finished by start() or the next attach
             self.lvm.run("lvchange", "--deltag", f"{TAG_PREFIX}size={vol.size}",
-                      "--addtag", f"{TAG_PREFIX}size={size}", self.lvm.path(lv))
+                         "--addtag", f"{TAG_PREFIX}size={size}", self.lvm.path(lv))
             self.index.put(grown)
             self._short.add(volume_id)
             crashpoint("lvmthin.expand.tagged")
@@ -423,8 +423,8 @@ class LvmThinPool(Pool):
         # a thin snapshot: LVM suspends an active origin with its filesystem frozen
         # (crash-consistent); the activation skip flag keeps the snapshot inactive
         self.lvm.run("lvcreate", "--snapshot", "--setactivationskip", "y", "--activate", "n",
-                  "--name", self._lv(snap.id), *self._tags(snap),
-                  self.lvm.path(self._lv(vol.id)))
+                     "--name", self._lv(snap.id), *self._tags(snap),
+                     self.lvm.path(self._lv(vol.id)))
         self.index.put(snap)
         log.info("pool %s: snapshot %s (%s) of %s", self.name, snap.id, name, vol.id)
         return snap
